@@ -1,0 +1,112 @@
+"""Atomic outputs: write under a temporary name, rename when complete.
+
+A failed step must never leave something that looks finished, so every file or
+folder glmsnake produces goes through one of these helpers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+SENTINEL_NAME = "glmsnake.done.json"
+_HASH_CHUNK = 16 << 20
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (temp file in the same folder, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def temp_dir_for(final: Path) -> Path:
+    """The staging folder that `publish_dir` renames to `final` (stable, so reruns can resume)."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.partial")
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path, *, keep_partial: bool = True) -> Iterator[Path]:
+    """Yield a staging folder; on success it replaces `final` in one rename.
+
+    On failure the staging folder is kept (so a rerun can skip finished parts)
+    unless keep_partial is False; `final` is never touched by a failure.
+    """
+    final = Path(final)
+    stage = temp_dir_for(final)
+    stage.mkdir(parents=True, exist_ok=True)
+    try:
+        yield stage
+    except BaseException:
+        if not keep_partial:
+            shutil.rmtree(stage, ignore_errors=True)
+        raise
+    publish_dir(stage, final)
+
+
+def publish_dir(stage: Path, final: Path) -> None:
+    """Rename a complete staging folder to its final name, replacing an older one."""
+    final = Path(final)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old{os.getpid()}")
+        os.replace(final, old)
+        os.replace(stage, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(stage, final)
+    fsync_dir(final.parent)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_sentinel(path: Path, *, step: str, settings: dict[str, Any], **record: Any) -> dict:
+    """Write a step's sentinel last, atomically: what was made, from what, how."""
+    from glmsnake import __version__
+
+    doc = {
+        "step": step,
+        "settings": settings,
+        "glmsnake_version": __version__,
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_nodelist": os.environ.get("SLURM_JOB_NODELIST"),
+        **record,
+    }
+    write_json(path, doc)
+    return doc

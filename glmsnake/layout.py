@@ -1,0 +1,134 @@
+"""Checks of the parallel layout and feature combinations, run before anything is allocated.
+
+Each check returns the problem and the fix; `check_workflow` raises them together,
+so a user sees every mistake of a config in one go.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from glmsnake.errors import GlmsnakeError
+from glmsnake.recipe.flags import parse_layer_freq
+
+if TYPE_CHECKING:
+    from glmsnake.config import Preset, Run, Workflow
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_run(preset: "Preset", run: "Run") -> list[tuple[str, str]]:
+    """All layout problems of one run, as (problem, fix) pairs."""
+    m, p, alloc = preset.model, run.perf, run.train.allocation
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size
+    gpus = alloc.nodes * alloc.gpus_per_node
+    out: list[tuple[str, str]] = []
+
+    for name, val in (("tensor", tp), ("pipeline", pp), ("context", cp), ("expert", ep), ("expert tensor", etp)):
+        if val < 1:
+            out.append((f"{name} parallel size is {val}", "parallel sizes must be >= 1"))
+    if out:
+        return out
+    if gpus < 1:
+        out.append((f"train.allocation gives {gpus} GPUs", "set nodes and gpus_per_node to at least 1"))
+        return out
+
+    for what, n in (("attention heads", m.num_attention_heads), ("query groups", m.num_query_groups)):
+        if n % tp:
+            ok = [d for d in _divisors(n) if d <= gpus]
+            out.append((f"TP={tp} does not divide the {n} {what}", f"set tensor_model_parallel_size to one of {ok}"))
+    if tp * pp * cp > gpus or gpus % (tp * pp * cp):
+        out.append(
+            (
+                f"TP x PP x CP = {tp}x{pp}x{cp} = {tp * pp * cp} does not divide the {gpus} actor GPUs "
+                f"({alloc.nodes} nodes x {alloc.gpus_per_node}), so TP x PP x CP x DP cannot equal {gpus}",
+                f"choose TP, PP, CP whose product divides {gpus}, or change train.allocation",
+            )
+        )
+    if pp > m.num_layers:
+        out.append((f"PP={pp} is more than the {m.num_layers} layers", f"set pipeline_model_parallel_size <= {m.num_layers}"))
+    if m.num_experts % ep:
+        out.append(
+            (
+                f"EP={ep} does not divide the {m.num_experts} experts",
+                f"set expert_model_parallel_size to one of {[d for d in _divisors(m.num_experts) if d <= gpus]}",
+            )
+        )
+    # Megatron folds experts over TP x CP x DP of each pipeline stage: EP x ETP must divide it.
+    stage = gpus // pp if gpus % pp == 0 else 0
+    if stage and stage % (ep * etp):
+        out.append(
+            (
+                f"EP x ETP = {ep}x{etp} = {ep * etp} does not divide the expert-parallel world of "
+                f"{stage} GPUs per pipeline stage ({gpus} GPUs / PP={pp})",
+                f"choose EP x ETP dividing {stage}",
+            )
+        )
+
+    sg = _effective_sglang(run)
+    per_engine = sg.rollout_num_gpus_per_engine
+    if per_engine < 1 or gpus % per_engine:
+        out.append(
+            (
+                f"rollout_num_gpus_per_engine={per_engine} does not divide the {gpus} rollout GPUs",
+                f"set it to one of {_divisors(gpus)}",
+            )
+        )
+    else:
+        for flag, size in (("sglang dp_size", sg.dp_size), ("sglang ep_size", sg.ep_size)):
+            if size is not None and (size < 1 or per_engine % size):
+                out.append(
+                    (
+                        f"{flag}={size} does not divide the {per_engine} GPUs per rollout engine",
+                        f"set {flag.split()[1]} to one of {_divisors(per_engine)}",
+                    )
+                )
+        ep_size = sg.ep_size or 1
+        if ep_size > 1 and m.num_experts % ep_size and not sg.ep_num_redundant_experts:
+            need = -m.num_experts % ep_size
+            out.append(
+                (
+                    f"the {ep_size} rollout GPUs of expert parallelism do not divide the {m.num_experts} experts",
+                    f"add sglang ep_num_redundant_experts: {need} (--sglang-ep-num-redundant-experts), "
+                    f"or choose an ep_size dividing {m.num_experts}",
+                )
+            )
+
+    if run.features.mtp_training and not (m.mtp_num_layers or 0) >= 1:
+        out.append(("features.mtp_training needs an MTP layer", "set model.mtp_num_layers: 1 (GLM-4.7 has one)"))
+    if run.features.mtp_training and not run.mtp.enable_mtp_training:
+        out.append(("features.mtp_training is on but mtp.enable_mtp_training is off", "set mtp.enable_mtp_training: true"))
+    if run.features.mtp_speculative_decoding and not (m.mtp_num_layers or 0) >= 1:
+        out.append(
+            ("MTP speculative decoding needs the model's MTP layer", "set model.mtp_num_layers: 1, or turn the feature off")
+        )
+    if run.features.fp8_rollout and sg.moe_a2a_backend == "deepep" and preset.convert.fp8.strategy != "block":
+        out.append(
+            (
+                f"FP8 rollout with DeepEP needs block FP8, but convert.fp8.strategy is {preset.convert.fp8.strategy!r}",
+                "set convert.fp8.strategy: block",
+            )
+        )
+    return out
+
+
+def _effective_sglang(run: "Run"):
+    from glmsnake.recipe.groups import sglang_args
+
+    return sglang_args(run)
+
+
+def check_workflow(wf: "Workflow") -> None:
+    problems: list[str] = []
+    try:
+        parse_layer_freq(wf.preset.model.moe_layer_freq, wf.preset.model.num_layers)
+    except ValueError as e:
+        problems.append(f"model.moe_layer_freq: {e}\n    fix: write one 0/1 per layer, e.g. [0]*3+[1]*89")
+    for name, run in wf.runs.items():
+        for problem, fix in check_run(wf.preset, run):
+            problems.append(f"runs.{name}: {problem}\n    fix: {fix}")
+    if problems:
+        raise GlmsnakeError("impossible configuration:\n  " + "\n  ".join(problems), "see each fix above")

@@ -1,0 +1,159 @@
+"""Config -> slime's argument groups, the driver command and its runtime environment.
+
+The order and grouping follow slime's run scripts, so a rendered recipe reads
+like `scripts/run-glm4.7-355B-A32B.sh`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from glmsnake.recipe.flags import SglangArgs
+
+if TYPE_CHECKING:
+    from glmsnake.config import Run, Workflow
+
+GROUP_ORDER = ("MODEL", "CKPT", "ROLLOUT", "EVAL", "PERF", "GRPO", "OPTIMIZER", "SGLANG", "MTP", "MISC")
+
+
+def sglang_args(run: "Run") -> SglangArgs:
+    """SGLang args with the toggles applied: MTP speculative decoding, then the FP8/DeepEP overlay."""
+    merged = run.sglang.model_dump(exclude_unset=True)
+    if run.features.mtp_speculative_decoding and run.sglang_speculative is not None:
+        merged.update(run.sglang_speculative.model_dump(exclude_unset=True))
+    if run.features.fp8_rollout:
+        merged.update(run.sglang_fp8)
+    return SglangArgs.model_validate(merged)
+
+
+def rollout_checkpoint(wf: "Workflow", run: "Run") -> Path:
+    """The HF folder SGLang serves: the FP8 conversion when FP8 rollout is on."""
+    return wf.fp8_dir if run.features.fp8_rollout else wf.hf_dir
+
+
+def checkpoint_dir(wf: "Workflow", run: "Run") -> Path:
+    return wf.run_dir(run.name) / "checkpoints"
+
+
+def model_args(wf: "Workflow", run: "Run | None" = None) -> list[str]:
+    args = wf.preset.model.render()
+    if run is not None and not (run.features.mtp_training or run.features.mtp_speculative_decoding):
+        # Without an MTP feature the MTP layer is neither loaded nor trained.
+        args = _drop(args, "--mtp-num-layers")
+    return args
+
+
+def _drop(args: list[str], flag: str) -> list[str]:
+    if flag not in args:
+        return args
+    i = args.index(flag)
+    return args[:i] + args[i + 2 :]
+
+
+def groups(wf: "Workflow", run_name: str) -> dict[str, list[str]]:
+    """Every argument group of slime's train.py for one run, in slime's order."""
+    run = wf.runs[run_name]
+    prompt = wf.dataset_path(wf.preset.prompt_dataset)
+    ckpt = checkpoint_dir(wf, run)
+    rollout = ["--prompt-data", str(prompt), *run.rollout.render()]
+    eval_ = run.eval.render()
+    if wf.preset.eval_datasets:
+        eval_ = eval_[:2] + ["--eval-prompt-data"] + [
+            x for name in wf.preset.eval_datasets for x in (name, str(wf.dataset_path(name)))
+        ] + eval_[2:]
+    return {
+        "MODEL": model_args(wf, run),
+        "CKPT": [
+            "--hf-checkpoint", str(rollout_checkpoint(wf, run)),
+            "--ref-load", str(wf.torch_dist_dir),
+            "--load", str(ckpt),
+            "--save", str(ckpt),
+            "--save-interval", str(run.train.save_interval),
+        ],
+        "ROLLOUT": rollout,
+        "EVAL": eval_,
+        "PERF": run.perf.render(),
+        "GRPO": run.grpo.render(),
+        "OPTIMIZER": run.optimizer.render(),
+        "SGLANG": sglang_args(run).render(),
+        "MTP": run.mtp.render() if run.features.mtp_training else [],
+        "MISC": run.misc.render(),
+    }
+
+
+@dataclass(frozen=True)
+class Driver:
+    """What `ray job submit` runs on the head node."""
+
+    argv: list[str]
+    cwd: str
+    env: dict[str, str]
+
+
+def driver(wf: "Workflow", run_name: str, head_address: str, interface: str | None = None) -> Driver:
+    """slime's `train.py` command and its runtime env (design section 3)."""
+    run = wf.runs[run_name]
+    alloc = run.train.allocation
+    argv = [
+        "python3", "train.py",
+        "--actor-num-nodes", str(alloc.nodes),
+        "--actor-num-gpus-per-node", str(alloc.gpus_per_node),
+    ]
+    if run.train.colocate:
+        argv.append("--colocate")
+    for args in groups(wf, run_name).values():
+        argv += args
+    return Driver(argv=argv, cwd=run.train.slime_dir, env=runtime_env(run, head_address, interface))
+
+
+def runtime_env(run: "Run", head_address: str, interface: str | None = None) -> dict[str, str]:
+    env = {
+        "no_proxy": f"localhost,127.0.0.1,{head_address}",
+        "NO_PROXY": f"localhost,127.0.0.1,{head_address}",
+        "MASTER_ADDR": head_address,
+        "PYTHONPATH": run.train.megatron_dir,
+        "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+        "NVSHMEM_DISABLE_NCCL": "1",
+        # NVLS needs NVLink switches; 1 only where nvidia-smi reports them (set by the launcher).
+        "NCCL_NVLS_ENABLE": "0",
+    }
+    if interface:
+        env["GLOO_SOCKET_IFNAME"] = interface
+        env["TP_SOCKET_IFNAME"] = interface
+        env["NCCL_SOCKET_IFNAME"] = interface
+    return env
+
+
+def render_text(wf: "Workflow", run_name: str) -> str:
+    """The recipe as slime's scripts write it: one bash array per group, then the driver."""
+    lines = []
+    for name, args in groups(wf, run_name).items():
+        lines.append(f"{name}_ARGS=(")
+        lines += [f"   {a}" for a in _pair(args)]
+        lines.append(")")
+        lines.append("")
+    run = wf.runs[run_name]
+    d = driver(wf, run_name, head_address="${MASTER_ADDR}")
+    lines.append("# runtime env: " + " ".join(f"{k}={v}" for k, v in d.env.items()))
+    lines.append(f"cd {d.cwd} && " + " ".join(d.argv[:6]) + (" --colocate" if run.train.colocate else "")
+                 + " " + " ".join(f"${{{g}_ARGS[@]}}" for g in GROUP_ORDER))
+    return "\n".join(lines)
+
+
+def _pair(args: list[str]) -> list[str]:
+    """Join each flag with its values for display: `--lr 1e-06`."""
+    out: list[str] = []
+    for a in args:
+        if a.startswith("--") or not out:
+            out.append(a)
+        else:
+            out[-1] += " " + _quote(a)
+    return out
+
+
+def _quote(a: str) -> str:
+    import shlex
+
+    return shlex.quote(a)
