@@ -1,0 +1,109 @@
+"""Node addresses and per-job ports for multi-node steps (design sections 5 and 6).
+
+A node's address comes from a configured network interface (`slurm.network_interface`,
+e.g. ib0) or else from Slurm's own record of the node (`scontrol show node` NodeAddr),
+never from 127.0.0.1 or the hostname alone: Ray maps 127.0.0.1 to the machine's interface
+address, and the loopback test cluster gives each node its own 127.0.0.1x address.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import os
+import random
+import socket
+import struct
+import subprocess
+
+from glmsnake.errors import GlmsnakeError
+
+# Ports we pick live above Ray's default worker port range (10002-19999) and below the
+# kernel's ephemeral range (usually 32768-60999), so they cannot clash with either.
+PORT_LOW = 20000
+
+
+def ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def interface_address(interface: str) -> str:
+    """IPv4 address of a network interface (SIOCGIFADDR), e.g. ib0 -> 10.1.2.3."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", interface[:15].encode()))  # SIOCGIFADDR
+    except OSError as e:
+        raise GlmsnakeError(
+            f"network interface {interface!r} has no IPv4 address on {socket.gethostname()} ({e})",
+            "set `slurm.network_interface` to an interface every node has (see `ip -4 addr`), or null",
+        ) from None
+    finally:
+        s.close()
+    return socket.inet_ntoa(packed[20:24])
+
+
+def slurm_node_address(node: str) -> str:
+    """The address Slurm records for a node (NodeAddr), resolved to an IP."""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "node", "-o", node], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    except (subprocess.SubprocessError, OSError) as e:
+        raise GlmsnakeError(f"cannot ask Slurm for node {node!r}'s address: {e}") from None
+    fields = dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+    addr = fields.get("NodeAddr") or fields.get("NodeHostName") or node
+    try:
+        ipaddress.ip_address(addr)
+        return addr
+    except ValueError:
+        return socket.gethostbyname(addr)
+
+
+def this_node_address(interface: str | None) -> str:
+    """Address of the node this task runs on (inside a Slurm job)."""
+    if interface:
+        return interface_address(interface)
+    node = os.environ.get("SLURMD_NODENAME")
+    if node:
+        return slurm_node_address(node)
+    return socket.gethostbyname(socket.gethostname())
+
+
+def free_port(address: str, rng: random.Random | None = None, avoid: set[int] | None = None) -> int:
+    """A port that is free on `address` now, in [PORT_LOW, ephemeral range)."""
+    rng = rng or random.Random()
+    high = ephemeral_low() - 1
+    for _ in range(200):
+        port = rng.randrange(PORT_LOW, high)
+        if avoid and port in avoid:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((address, port))
+            except OSError:
+                continue
+        return port
+    raise GlmsnakeError(f"no free port in {PORT_LOW}-{high} on {address}")
+
+
+def free_port_block(address: str, count: int, rng: random.Random | None = None) -> int:
+    """First port of `count` consecutive ports all free on `address` (below the ephemeral range)."""
+    rng = rng or random.Random()
+    high = ephemeral_low() - count - 1
+    for _ in range(200):
+        base = rng.randrange(PORT_LOW, high)
+        ok = True
+        for p in range(base, base + count):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((address, p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise GlmsnakeError(f"no block of {count} free ports in {PORT_LOW}-{high} on {address}")
