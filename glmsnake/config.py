@@ -338,7 +338,7 @@ def load_file(path: str | Path, extra: dict[str, Any] | None = None) -> Workflow
 
 def user_config_schema() -> dict[str, Any]:
     """JSON schema of config/config.yaml, for Snakemake's validate()."""
-    return UserConfig.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **UserConfig.model_json_schema()}
 
 
 __all__ = [

@@ -1,0 +1,134 @@
+"""The `glmsnake` command: render the recipe, review the plan, run steps, set up profiles."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from glmsnake.errors import GlmsnakeError
+
+# Commands whose module owns its own argument parser: `glmsnake NAME ARGS...` -> module.main(ARGS).
+DELEGATED = {
+    "convert-fp8": "glmsnake.convert.fp8",
+}
+
+
+def _workflow(args: argparse.Namespace):
+    from glmsnake import config
+
+    extra = {"preset": args.preset} if getattr(args, "preset", None) else {}
+    return config.load_file(args.configfile, extra)
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from glmsnake.recipe import render_text
+
+    wf = _workflow(args)
+    runs = [args.run] if args.run else list(wf.runs)
+    for run in runs:
+        if run not in wf.runs:
+            raise GlmsnakeError(f"no run named {run!r}", f"choose one of {sorted(wf.runs)}")
+        print(f"# run: {run}  (preset {wf.user.preset})")
+        print(render_text(wf, run))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from glmsnake.plan import plan, print_plan
+
+    print_plan(plan(args.targets, args.configfile, args.snakemake_args))
+    return 0
+
+
+def cmd_step(args: argparse.Namespace) -> int:
+    from glmsnake.steps import run_step
+
+    options = {k: v for k, v in (("run", args.run), ("name", args.name)) if v is not None}
+    run_step(args.step, args.sentinel, **options)
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from glmsnake.config import user_config_schema
+
+    print(json.dumps(user_config_schema(), indent=2))
+    return 0
+
+
+def cmd_setup_profiles(args: argparse.Namespace) -> int:
+    from glmsnake.profiles import install_profiles
+
+    for link in install_profiles(Path(args.dest) if args.dest else None):
+        print(f"profile {link.name}: {link} -> {link.resolve()}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from glmsnake.status import show_status
+
+    return show_status(_workflow(args), args.run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from glmsnake.steps import STEPS
+
+    p = argparse.ArgumentParser(prog="glmsnake", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--configfile", default="config/config.yaml", help="the user config (default: %(default)s)")
+        sp.add_argument("--preset", help="use this preset instead of the config's")
+        return sp
+
+    r = with_config(sub.add_parser("render", help="print slime's argument groups, driver command and env"))
+    r.add_argument("--run", help="one run (default: all)")
+    r.set_defaults(func=cmd_render)
+
+    pl = sub.add_parser("plan", help="per step: nodes x GPUs, outputs, whether and why it runs")
+    pl.add_argument("targets", nargs="*", default=["train"])
+    pl.add_argument("--configfile", default="config/config.yaml")
+    pl.add_argument("--snakemake-args", nargs=argparse.REMAINDER, default=[], help="passed on to snakemake")
+    pl.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("step", help="run one workflow step (used by the rules)")
+    s.add_argument("step", choices=sorted(STEPS))
+    s.add_argument("--sentinel", required=True, type=Path)
+    s.add_argument("--run")
+    s.add_argument("--name")
+    s.set_defaults(func=cmd_step)
+
+    st = with_config(sub.add_parser("status", help="training progress of a run"))
+    st.add_argument("run", nargs="?")
+    st.set_defaults(func=cmd_status)
+
+    sc = sub.add_parser("schema", help="print the JSON schema of config/config.yaml")
+    sc.set_defaults(func=cmd_schema)
+
+    sp = sub.add_parser("setup-profiles", help="make `snakemake --profile slurm|local` find this repo's profiles")
+    sp.add_argument("--dest", help="profile folder (default: ~/.config/snakemake)")
+    sp.set_defaults(func=cmd_setup_profiles)
+
+    for name in DELEGATED:
+        sub.add_parser(name, help=f"see `glmsnake {name} --help`", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and argv[0] in DELEGATED:
+            import importlib
+
+            return importlib.import_module(DELEGATED[argv[0]]).main(argv[1:])
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except GlmsnakeError as e:
+        print(f"glmsnake: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

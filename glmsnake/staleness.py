@@ -1,0 +1,56 @@
+"""What decides whether each step is stale: the rules' `params:` and the sentinels' `settings`.
+
+Snakemake reruns a job when its params change, so each function returns exactly
+the settings that change the step's output, and nothing else (design section 1):
+parallelism never reaches torch_dist, save_interval never reaches train.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from glmsnake.config import Workflow
+
+
+def weights(wf: Workflow) -> dict[str, Any]:
+    w = wf.preset.weights
+    key: dict[str, Any] = {"source": w.source, "allow_patterns": w.allow_patterns}
+    if w.source == "tiny":
+        key["architecture"] = wf.architecture()
+    return key
+
+
+def dataset(wf: Workflow, name: str) -> dict[str, Any]:
+    return wf.preset.datasets[name].model_dump(mode="json")
+
+
+def torch_dist(wf: Workflow) -> dict[str, Any]:
+    # The backend writes the same checkpoint either way; writer count and allocation don't matter.
+    return {"architecture": wf.architecture()}
+
+
+def fp8(wf: Workflow) -> dict[str, Any]:
+    f = wf.preset.convert.fp8
+    return {"strategy": f.strategy, "block_size": list(f.block_size)}
+
+
+# Run settings that change how a run executes but not what it computes.
+_RUN_EXECUTION_ONLY = {
+    "train": {"save_interval", "allocation", "slime_dir", "megatron_dir"},
+}
+
+
+def train(wf: Workflow, run: str) -> dict[str, Any]:
+    r = wf.runs[run].model_dump(mode="json")
+    for section, keys in _RUN_EXECUTION_ONLY.items():
+        for k in keys:
+            r[section].pop(k, None)
+    r.pop("name")
+    r["architecture"] = wf.architecture()
+    if wf.runs[run].features.fp8_rollout:
+        r["fp8"] = fp8(wf)
+    return r
+
+
+def export_hf(wf: Workflow, run: str) -> dict[str, Any]:
+    return {"architecture": wf.architecture()}
