@@ -95,7 +95,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_sentinel(path: Path, *, step: str, settings: dict[str, Any], **record: Any) -> dict:
+def write_sentinel(path: Path, /, *, step: str, settings: dict[str, Any], **record: Any) -> dict:
     """Write a step's sentinel last, atomically: what was made, from what, how."""
     from glmsnake import __version__
 

@@ -115,6 +115,11 @@ def hash_files(folder: Path, names: list[str], workers: int = 4) -> dict[str, di
 # --------------------------------------------------------------------------- hub
 
 
+def hub_endpoint() -> str | None:
+    """HF_ENDPOINT read at call time (huggingface_hub reads it once, at import)."""
+    return os.environ.get("HF_ENDPOINT") or None
+
+
 def _hub_errors():
     from huggingface_hub import errors
 
@@ -126,7 +131,7 @@ def hub_files(src: HubSource, allow_patterns: list[str] | None) -> tuple[str, di
     from huggingface_hub import HfApi
     from huggingface_hub.utils import filter_repo_objects
 
-    api = HfApi()
+    api = HfApi(endpoint=hub_endpoint())
     errors = _hub_errors()
     try:
         info = api.repo_info(src.repo_id, repo_type=src.repo_type, revision=src.revision)
@@ -214,6 +219,7 @@ def download_repo(src: HubSource, dest: Path, allow_patterns: list[str] | None, 
         local_dir=dest,
         allow_patterns=list(files),
         max_workers=workers,
+        endpoint=hub_endpoint(),
     )
     verified = verify_against_hub(dest, files)
     return {
@@ -267,12 +273,14 @@ def make_tiny_folder(wf: Workflow, dest: Path) -> dict[str, Any]:
 
 
 def check_writable(folder: Path) -> None:
-    """Fail early, naming the folder, when base_dir cannot be written."""
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise GlmsnakeError(f"cannot write under {probe} (needed for {folder})", "set base_dir to a writable folder")
+    """Fail early, naming the folder, when base_dir cannot be written (a real probe: root ignores mode bits)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".glmsnake-probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise GlmsnakeError(f"cannot write under {folder}: {e.strerror}", "set base_dir to a writable folder") from None
 
 
 def step_download_hf(wf: Workflow, sentinel: Path) -> None:
@@ -280,7 +288,7 @@ def step_download_hf(wf: Workflow, sentinel: Path) -> None:
 
     source = wf.preset.weights.source
     dest = wf.hf_dir
-    check_writable(dest)
+    check_writable(wf.base)
     if source == "tiny":
         manifest = make_tiny_folder(wf, dest)
     elif source.startswith("local:"):

@@ -1,0 +1,62 @@
+"""Shared fixtures: the tiny checkpoint (made once), a hub endpoint on 127.0.0.1, workflow runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory) -> Path:
+    """The tiny preset's HF checkpoint, generated once per test session (read-only by convention)."""
+    from glmsnake import config
+    from glmsnake.convert.tiny import make_tiny
+
+    out = tmp_path_factory.mktemp("tiny") / "tiny-glm4moe"
+    make_tiny(out, config.load({}).preset.model, seed=1234)
+    return out
+
+
+@pytest.fixture
+def hub_server(monkeypatch):
+    from hub_server import HubServer
+
+    with HubServer() as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+        monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        monkeypatch.setenv("HF_HOME", str(server_home(monkeypatch)))
+        for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+            monkeypatch.delenv(proxy, raising=False)
+        yield server
+
+
+def server_home(monkeypatch) -> Path:
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="hfhome"))
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real snakemake on this repo's Snakefile with outputs under `workdir`."""
+    cmd = [
+        sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+        "--configfile", str(REPO / "config" / "config.yaml"), "--cores", "2", *args,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
