@@ -1,0 +1,302 @@
+"""HF GLM-4-MoE names <-> Megatron-Core (local spec) torch_dist keys, both directions.
+
+One `MegatronTensor` describes a Megatron key, the HF tensors it is made of and how
+(design sections 4 and 6; checked against megatron-core 0.19.2's GPTModel and
+slime's GLM-4-MoE converter):
+
+- `copy`      one HF tensor as is (norms, router, expert bias, o_proj, down_proj, ...);
+- `qkv`       q/k/v concatenated per query group: [q heads of the group x head_dim, k, v];
+- `gate_up`   linear_fc1 = cat(gate, up) on the output axis;
+- `experts_gate_up` / `experts_down`: the routed experts stacked on a leading expert axis.
+
+Megatron keys are grouped into `Unit`s (embedding, one per decoder layer, one per MTP
+layer, the head) so converters stream one layer at a time. Each unit also lists the
+`_extra_state` ShardedObjects that the local spec's parallel linears ask for.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+from glmsnake.errors import GlmsnakeError
+
+# HF keys of a GLM MTP layer that Megatron does not store: its MTP block shares the
+# main model's embedding and output layer. Dropped on the way in, restored on export.
+MTP_SHARED_SUFFIXES = ("embed_tokens.weight", "shared_head.head.weight")
+
+
+@dataclass(frozen=True)
+class GlmArch:
+    """What the name mapping needs to know about a GLM-4-MoE checkpoint (from config.json)."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_groups: int
+    head_dim: int
+    num_experts: int
+    first_dense: int  # first_k_dense_replace: layers [0, first_dense) are dense
+    mtp_layers: int
+    qkv_bias: bool
+    qk_norm: bool
+    tied_embeddings: bool
+    shared_experts: bool
+
+    @classmethod
+    def from_hf_config(cls, cfg: Mapping[str, Any] | Any) -> "GlmArch":
+        get = (lambda k, d=None: cfg.get(k, d)) if isinstance(cfg, Mapping) else (lambda k, d=None: getattr(cfg, k, d))
+        heads = int(get("num_attention_heads"))
+        hidden = int(get("hidden_size"))
+        return cls(
+            num_layers=int(get("num_hidden_layers")),
+            hidden_size=hidden,
+            num_heads=heads,
+            num_groups=int(get("num_key_value_heads") or heads),
+            head_dim=int(get("head_dim") or hidden // heads),
+            num_experts=int(get("n_routed_experts") or 0),
+            first_dense=int(get("first_k_dense_replace") or 0),
+            mtp_layers=int(get("num_nextn_predict_layers") or 0),
+            qkv_bias=bool(get("attention_bias", False)),
+            qk_norm=bool(get("use_qk_norm", False)),
+            tied_embeddings=bool(get("tie_word_embeddings", False)),
+            shared_experts=int(get("n_shared_experts") or 0) > 0,
+        )
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_heads // self.num_groups
+
+    def is_moe(self, hf_layer: int) -> bool:
+        return self.num_experts > 0 and hf_layer >= self.first_dense
+
+
+@dataclass(frozen=True)
+class MegatronTensor:
+    key: str
+    kind: str  # copy | qkv | gate_up | experts_gate_up | experts_down
+    sources: tuple[str, ...]
+    groups: int = 1  # query groups, for qkv
+
+
+@dataclass
+class Unit:
+    """What one streaming step converts: a layer, the embedding or the head."""
+
+    name: str
+    tensors: list[MegatronTensor] = field(default_factory=list)
+    extra_states: list[str] = field(default_factory=list)  # ShardedObject unique keys
+    dropped: list[str] = field(default_factory=list)  # HF keys Megatron does not keep
+
+    @property
+    def hf_keys(self) -> list[str]:
+        return [s for t in self.tensors for s in t.sources]
+
+
+def extra_state_key(module: str, shard: tuple[int, int] = (0, 1)) -> str:
+    """ShardedObject unique key of a linear's `_extra_state`: `<module>._extra_state/shard_<off>_<shape>`."""
+    return f"{module}._extra_state/shard_{shard[0]}_{shard[1]}"
+
+
+# --------------------------------------------------------------------------- units
+
+
+def _layer_unit(arch: GlmArch, name: str, mp: str, hp: str, moe: bool) -> Unit:
+    """A transformer layer: Megatron prefix `mp` (ends with '.'), HF prefix `hp`."""
+    u = Unit(name)
+    t = u.tensors.append
+    att = f"{mp}self_attention."
+    t(MegatronTensor(f"{att}linear_qkv.layer_norm_weight", "copy", (f"{hp}input_layernorm.weight",)))
+    qkv = tuple(f"{hp}self_attn.{p}_proj.weight" for p in "qkv")
+    t(MegatronTensor(f"{att}linear_qkv.weight", "qkv", qkv, arch.num_groups))
+    if arch.qkv_bias:
+        t(MegatronTensor(f"{att}linear_qkv.bias", "qkv", tuple(f"{hp}self_attn.{p}_proj.bias" for p in "qkv"), arch.num_groups))
+    if arch.qk_norm:
+        t(MegatronTensor(f"{att}q_layernorm.weight", "copy", (f"{hp}self_attn.q_norm.weight",)))
+        t(MegatronTensor(f"{att}k_layernorm.weight", "copy", (f"{hp}self_attn.k_norm.weight",)))
+    t(MegatronTensor(f"{att}linear_proj.weight", "copy", (f"{hp}self_attn.o_proj.weight",)))
+    u.extra_states += [extra_state_key(f"{att}linear_qkv"), extra_state_key(f"{att}linear_proj")]
+    # The local spec renames pre_mlp_layernorm to this key on dense and MoE layers alike.
+    t(MegatronTensor(f"{mp}mlp.linear_fc1.layer_norm_weight", "copy", (f"{hp}post_attention_layernorm.weight",)))
+    if not moe:
+        t(MegatronTensor(f"{mp}mlp.linear_fc1.weight", "gate_up", (f"{hp}mlp.gate_proj.weight", f"{hp}mlp.up_proj.weight")))
+        t(MegatronTensor(f"{mp}mlp.linear_fc2.weight", "copy", (f"{hp}mlp.down_proj.weight",)))
+        u.extra_states += [extra_state_key(f"{mp}mlp.linear_fc1"), extra_state_key(f"{mp}mlp.linear_fc2")]
+        return u
+    t(MegatronTensor(f"{mp}mlp.router.weight", "copy", (f"{hp}mlp.gate.weight",)))
+    t(MegatronTensor(f"{mp}mlp.router.expert_bias", "copy", (f"{hp}mlp.gate.e_score_correction_bias",)))
+    if arch.shared_experts:
+        se, hse = f"{mp}mlp.shared_experts.", f"{hp}mlp.shared_experts."
+        t(MegatronTensor(f"{se}linear_fc1.weight", "gate_up", (f"{hse}gate_proj.weight", f"{hse}up_proj.weight")))
+        t(MegatronTensor(f"{se}linear_fc2.weight", "copy", (f"{hse}down_proj.weight",)))
+        u.extra_states += [extra_state_key(f"{se}linear_fc1"), extra_state_key(f"{se}linear_fc2")]
+    ex, E = f"{mp}mlp.experts.experts.", arch.num_experts
+    gate_up = tuple(s for e in range(E) for s in (f"{hp}mlp.experts.{e}.gate_proj.weight", f"{hp}mlp.experts.{e}.up_proj.weight"))
+    t(MegatronTensor(f"{ex}linear_fc1.weight", "experts_gate_up", gate_up))
+    t(MegatronTensor(f"{ex}linear_fc2.weight", "experts_down", tuple(f"{hp}mlp.experts.{e}.down_proj.weight" for e in range(E))))
+    # SequentialMLP puts each expert's extra state at its offset on the expert axis.
+    u.extra_states += [extra_state_key(f"{ex}linear_fc{i}", (e, E)) for i in (1, 2) for e in range(E)]
+    return u
+
+
+def units(arch: GlmArch) -> list[Unit]:
+    """Every Megatron tensor of the model, grouped into streaming units, in model order."""
+    out = [Unit("embedding", [MegatronTensor("embedding.word_embeddings.weight", "copy", ("model.embed_tokens.weight",))])]
+    for i in range(arch.num_layers):
+        out.append(_layer_unit(arch, f"layer {i}", f"decoder.layers.{i}.", f"model.layers.{i}.", arch.is_moe(i)))
+    for j in range(arch.mtp_layers):
+        hf_i = arch.num_layers + j
+        hp, mp = f"model.layers.{hf_i}.", f"mtp.layers.{j}."
+        u = _layer_unit(arch, f"mtp {j}", f"{mp}transformer_layer.", hp, arch.is_moe(hf_i))
+        u.tensors[:0] = [
+            MegatronTensor(f"{mp}enorm.weight", "copy", (f"{hp}enorm.weight",)),
+            MegatronTensor(f"{mp}hnorm.weight", "copy", (f"{hp}hnorm.weight",)),
+            MegatronTensor(f"{mp}eh_proj.weight", "copy", (f"{hp}eh_proj.weight",)),
+            MegatronTensor(f"{mp}final_layernorm.weight", "copy", (f"{hp}shared_head.norm.weight",)),
+        ]
+        u.extra_states.insert(0, extra_state_key(f"{mp}eh_proj"))
+        u.dropped = [hp + s for s in MTP_SHARED_SUFFIXES]
+        out.append(u)
+    head = Unit("head", [MegatronTensor("decoder.final_layernorm.weight", "copy", ("model.norm.weight",))])
+    if not arch.tied_embeddings:
+        head.tensors.append(MegatronTensor("output_layer.weight", "copy", ("lm_head.weight",)))
+    head.extra_states.append(extra_state_key("output_layer"))
+    out.append(head)
+    return out
+
+
+def check_hf_keys(arch: GlmArch, hf_keys: Iterable[str], where: str) -> None:
+    """Refuse a checkpoint whose tensors are not exactly the GLM-4-MoE set (missing or unknown)."""
+    have = set(hf_keys)
+    us = units(arch)
+    want = {k for u in us for k in u.hf_keys}
+    optional = {k for u in us for k in u.dropped}
+    missing, unknown = sorted(want - have), sorted(have - want - optional)
+    if missing or unknown:
+        lines = [f"missing {k}" for k in missing[:10]] + [f"unknown {k}" for k in unknown[:10]]
+        more = len(missing) + len(unknown) - len(lines)
+        raise GlmsnakeError(
+            f"{where}: the checkpoint's tensors are not the GLM-4-MoE set its config.json describes:\n    "
+            + "\n    ".join(lines) + (f"\n    ... and {more} more" if more > 0 else ""),
+            "check that config.json belongs to these weights (layers, experts, MTP layers, qkv bias, qk norm)",
+        )
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def megatron_shape(t: MegatronTensor, hf_shape: Callable[[str], tuple[int, ...]]) -> tuple[int, ...]:
+    first = tuple(hf_shape(t.sources[0]))
+    if t.kind == "copy":
+        return first
+    if t.kind == "qkv":
+        return (sum(hf_shape(s)[0] for s in t.sources), *first[1:])
+    if t.kind == "gate_up":
+        return (first[0] + hf_shape(t.sources[1])[0], *first[1:])
+    if t.kind == "experts_gate_up":
+        return (len(t.sources) // 2, first[0] + hf_shape(t.sources[1])[0], *first[1:])
+    if t.kind == "experts_down":
+        return (len(t.sources), *first)
+    raise ValueError(t.kind)
+
+
+# --------------------------------------------------------------------------- HF -> Megatron
+
+
+def fill(t: MegatronTensor, dest: torch.Tensor, read_into: Callable[[str, torch.Tensor, int, int], None],
+         hf_shape: Callable[[str], tuple[int, ...]]) -> None:
+    """Fill `dest` (the Megatron tensor, preallocated) by reading HF row ranges straight into it.
+
+    `read_into(hf_key, dest_view, row_start, row_stop)` copies rows [start, stop) of an HF
+    tensor into a contiguous view; every piece below is a contiguous row range on both sides,
+    so no intermediate copies are made.
+    """
+    if t.kind == "copy":
+        read_into(t.sources[0], dest, 0, hf_shape(t.sources[0])[0] if dest.dim() else 1)
+    elif t.kind == "qkv":
+        q, k, v = t.sources
+        qg, kg, vg = (hf_shape(s)[0] // t.groups for s in (q, k, v))
+        step = qg + kg + vg
+        for g in range(t.groups):
+            base = g * step
+            read_into(q, dest[base : base + qg], g * qg, (g + 1) * qg)
+            read_into(k, dest[base + qg : base + qg + kg], g * kg, (g + 1) * kg)
+            read_into(v, dest[base + qg + kg : base + step], g * vg, (g + 1) * vg)
+    elif t.kind == "gate_up":
+        _fill_gate_up(t.sources[0], t.sources[1], dest, read_into, hf_shape)
+    elif t.kind == "experts_gate_up":
+        for e in range(dest.shape[0]):
+            _fill_gate_up(t.sources[2 * e], t.sources[2 * e + 1], dest[e], read_into, hf_shape)
+    elif t.kind == "experts_down":
+        for e, s in enumerate(t.sources):
+            read_into(s, dest[e], 0, hf_shape(s)[0])
+    else:
+        raise ValueError(t.kind)
+
+
+def _fill_gate_up(gate, up, dest, read_into, hf_shape) -> None:
+    rows = hf_shape(gate)[0]
+    read_into(gate, dest[:rows], 0, rows)
+    read_into(up, dest[rows:], 0, hf_shape(up)[0])
+
+
+def to_megatron(t: MegatronTensor, hf: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """In-memory variant of `fill` (tensors already loaded), for small models and tests."""
+    shape = megatron_shape(t, lambda k: tuple(hf[k].shape))
+    dest = torch.empty(shape, dtype=hf[t.sources[0]].dtype)
+
+    def read_into(key, view, start, stop):
+        src = hf[key]
+        view.copy_(src[start:stop] if src.dim() else src)
+
+    fill(t, dest, read_into, lambda k: tuple(hf[k].shape))
+    return dest
+
+
+# --------------------------------------------------------------------------- Megatron -> HF
+
+
+def split(t: MegatronTensor, value: torch.Tensor, arch: GlmArch) -> dict[str, torch.Tensor]:
+    """The HF tensors that one Megatron tensor holds (each a fresh contiguous tensor)."""
+    if t.kind == "copy":
+        return {t.sources[0]: value.clone()}
+    if t.kind == "qkv":
+        q, k, v = t.sources
+        d, qpg = arch.head_dim, arch.heads_per_group
+        trail = tuple(value.shape[1:])
+        grouped = value.reshape(t.groups, (qpg + 2) * d, *trail)
+        return {
+            q: grouped[:, : qpg * d].reshape(-1, *trail).contiguous(),
+            k: grouped[:, qpg * d : (qpg + 1) * d].reshape(-1, *trail).contiguous(),
+            v: grouped[:, (qpg + 1) * d :].reshape(-1, *trail).contiguous(),
+        }
+    if t.kind == "gate_up":
+        gate, up = value.chunk(2, dim=0)
+        return {t.sources[0]: gate.contiguous(), t.sources[1]: up.contiguous()}
+    if t.kind == "experts_gate_up":
+        out = {}
+        for e in range(value.shape[0]):
+            gate, up = value[e].chunk(2, dim=0)
+            out[t.sources[2 * e]], out[t.sources[2 * e + 1]] = gate.contiguous(), up.contiguous()
+        return out
+    if t.kind == "experts_down":
+        return {s: value[e].contiguous() for e, s in enumerate(t.sources)}
+    raise ValueError(t.kind)
+
+
+def hf_layer_of(hf_key: str) -> int | None:
+    m = re.match(r"model\.layers\.(\d+)\.", hf_key)
+    return int(m.group(1)) if m else None
+
+
+def manifest(arch: GlmArch, hf_shape: Callable[[str], tuple[int, ...]]) -> dict[str, Any]:
+    """The key set Megatron asks for: {"tensors": {key: shape}, "objects": [unique keys]}."""
+    tensors, objects = {}, []
+    for u in units(arch):
+        for t in u.tensors:
+            tensors[t.key] = list(megatron_shape(t, hf_shape))
+        objects += u.extra_states
+    return {"tensors": dict(sorted(tensors.items())), "objects": sorted(objects)}
