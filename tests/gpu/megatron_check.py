@@ -1,0 +1,349 @@
+"""Megatron itself checks glmsnake's torch_dist checkpoints (run on a GPU machine with megatron-core).
+
+For each checkpoint given (e.g. written by 1, 2 and 4 writer ranks) and each dtype:
+build a megatron-core GPTModel for the tiny GLM-4-MoE config with the local spec (no
+Transformer Engine) and the MTP block, load the checkpoint with
+`dist_checkpointing.load(strict=RETURN_ALL)` (no missing and no unexpected keys allowed),
+run a forward pass on fixed tokens and compare
+- the main logits with transformers' Glm4MoeForCausalLM on the same HF weights;
+- the MTP logits with a reference built from transformers' own GLM-4-MoE modules
+  (enorm/hnorm/eh_proj/decoder layer/shared_head.norm/lm_head from `model.layers.{N}`),
+  fed the hidden states Megatron hands its MTP block.
+It also writes the key manifest (tensor keys with global shapes, ShardedObject keys)
+that the model's `sharded_state_dict()` asks for and compares it with the committed fixture.
+
+Runs as one process or under `torchrun --nproc-per-node N` (--tp/--ep/--sp choose the
+layout; every rank loads, rank 0 compares and reports). Results go to --out as JSON.
+
+    python3 tests/gpu/megatron_check.py --hf HF_DIR --ckpt w1=DIR --ckpt w2=DIR \
+        --fixture tests/fixtures/megatron_keys_tiny.json --out OUT_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SEQ, BATCH, SEED = 32, 2, 1234
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--hf", required=True)
+    p.add_argument("--ckpt", action="append", default=[], help="NAME=DIR of a torch_dist root (tracker + release/)")
+    p.add_argument("--fixture", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--sp", action="store_true")
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--rel-tol-bf16", type=float, default=2e-2)
+    p.add_argument("--rel-tol-fp32", type=float, default=1e-4)
+    return p.parse_args()
+
+
+def init_dist(tp: int, ep: int) -> None:
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"}.items():
+        os.environ.setdefault(k, v)
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    torch.distributed.init_process_group("nccl")
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
+    model_parallel_cuda_manual_seed(SEED)
+
+
+def megatron_config(hf: dict, dtype: torch.dtype, tp: int, ep: int, sp: bool):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    n = hf["num_hidden_layers"]
+    fkd = hf["first_k_dense_replace"]
+    return TransformerConfig(
+        num_layers=n,
+        hidden_size=hf["hidden_size"],
+        num_attention_heads=hf["num_attention_heads"],
+        num_query_groups=hf["num_key_value_heads"],
+        kv_channels=hf["head_dim"],
+        ffn_hidden_size=hf["intermediate_size"],
+        normalization="RMSNorm",
+        layernorm_epsilon=hf["rms_norm_eps"],
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=hf["attention_bias"],
+        qk_layernorm=hf["use_qk_norm"],
+        num_moe_experts=hf["n_routed_experts"],
+        moe_ffn_hidden_size=hf["moe_intermediate_size"],
+        moe_shared_expert_intermediate_size=hf["moe_intermediate_size"] * hf["n_shared_experts"],
+        moe_router_topk=hf["num_experts_per_tok"],
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=0.0,
+        moe_router_topk_scaling_factor=hf["routed_scaling_factor"],
+        moe_router_pre_softmax=True,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="seq_aux_loss",
+        moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type="alltoall",
+        moe_layer_freq=[0] * fkd + [1] * (n - fkd),
+        moe_grouped_gemm=False,
+        mtp_num_layers=hf.get("num_nextn_predict_layers") or None,
+        mtp_loss_scaling_factor=0.1,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        tensor_model_parallel_size=tp,
+        expert_model_parallel_size=ep,
+        sequence_parallel=sp,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        attention_softmax_in_fp32=True,
+    )
+
+
+def build_model(hf: dict, dtype, tp, ep, sp):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
+
+    cfg = megatron_config(hf, dtype, tp, ep, sp)
+    spec = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False, normalization="RMSNorm")
+    mtp = get_gpt_mtp_block_spec(cfg, spec, use_transformer_engine=False) if cfg.mtp_num_layers else None
+    rope = hf.get("rope_parameters") or {}
+    model = GPTModel(
+        config=cfg, transformer_layer_spec=spec, vocab_size=hf["vocab_size"], max_sequence_length=512,
+        pre_process=True, post_process=True, share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_percent=float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))),
+        rotary_base=int(rope.get("rope_theta", hf.get("rope_theta", 10000))),
+        mtp_block_spec=mtp,
+    )
+    return model.cuda().eval()
+
+
+def key_manifest(model) -> dict:
+    """Tensor keys with global shapes and ShardedObject keys, as the model asks for them."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
+
+    sd = model.sharded_state_dict()
+    apply_factories(sd)
+    tensors, objects = {}, set()
+    for v in nested_values(sd):
+        if isinstance(v, ShardedTensor):
+            tensors[v.key] = list(v.global_shape)
+        elif isinstance(v, ShardedObject):
+            objects.add(v.unique_key)
+    return {"tensors": dict(sorted(tensors.items())), "objects": sorted(objects)}
+
+
+def gather_manifest(local: dict) -> dict:
+    """Union over ranks (each rank asks for its own expert shards' objects)."""
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, local)
+    tensors, objects = {}, set()
+    for p in parts:
+        tensors.update(p["tensors"])
+        objects.update(p["objects"])
+    return {"tensors": dict(sorted(tensors.items())), "objects": sorted(objects)}
+
+
+def load_checkpoint(model, ckpt_root: Path) -> dict:
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    tracker = (ckpt_root / "latest_checkpointed_iteration.txt").read_text().strip()
+    folder = ckpt_root / ("release" if tracker == "release" else f"iter_{int(tracker):07d}")
+    sd = model.sharded_state_dict()
+    t0 = time.monotonic()
+    loaded, missing, unexpected = dist_checkpointing.load(sd, str(folder), strict=StrictHandling.RETURN_ALL)
+    seconds = time.monotonic() - t0
+    result = model.load_state_dict(loaded, strict=False)  # reported below, never ignored
+    return {"missing": sorted(missing), "unexpected": sorted(unexpected), "load_seconds": round(seconds, 3),
+            "torch_missing": list(result.missing_keys), "torch_unexpected": list(result.unexpected_keys)}
+
+
+def megatron_forward(model, ids: torch.Tensor, sp: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(main logits [B,S,V], hidden states handed to the MTP block [S,B,H], MTP logits [B,S,V])."""
+    captured = {}
+
+    def pre(_m, _args, kwargs):
+        captured["h_in"] = kwargs["hidden_states"].detach().clone()
+
+    def post(_m, _args, _kwargs, out):
+        captured["mtp_out"] = out.detach().clone()
+
+    hooks = []
+    if getattr(model, "mtp_process", False):
+        hooks = [model.mtp.register_forward_pre_hook(pre, with_kwargs=True),
+                 model.mtp.register_forward_hook(post, with_kwargs=True)]
+    pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
+    mask = torch.triu(torch.ones(1, 1, ids.shape[1], ids.shape[1], dtype=torch.bool, device=ids.device), diagonal=1)
+    with torch.no_grad():
+        logits = model(ids, pos, mask, runtime_gather_output=True)
+        mtp_logits = h_in = None
+        if hooks:
+            from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+            out, h_in = captured["mtp_out"], captured["h_in"]
+            if sp:  # sequence-parallel activations are split along the sequence
+                out = gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False)
+                h_in = gather_from_sequence_parallel_region(h_in, tensor_parallel_output_grad=False)
+            mtp_h = out.chunk(1 + model.config.mtp_num_layers, dim=0)[1]
+            mtp_logits, _ = model.output_layer(mtp_h, runtime_gather_output=True)
+            mtp_logits = mtp_logits.transpose(0, 1).contiguous()
+    for h in hooks:
+        h.remove()
+    return logits, h_in, mtp_logits
+
+
+def hf_reference(hf_dir: Path, dtype: torch.dtype):
+    from transformers import Glm4MoeForCausalLM
+
+    model = Glm4MoeForCausalLM.from_pretrained(str(hf_dir), dtype=dtype, attn_implementation="sdpa")
+    return model.cuda().eval()
+
+
+def hf_mtp_reference(hf_model, hf_dir: Path, ids: torch.Tensor, h_in: torch.Tensor, dtype) -> torch.Tensor:
+    """GLM's MTP layer built from transformers' GLM-4-MoE modules and the HF tensors `model.layers.{N}`."""
+    from safetensors import safe_open
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeDecoderLayer, Glm4MoeRMSNorm
+
+    cfg = hf_model.config
+    n, h, eps = cfg.num_hidden_layers, cfg.hidden_size, cfg.rms_norm_eps
+    prefix = f"model.layers.{n}."
+    weights = {}
+    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    for key, file in index.items():
+        if key.startswith(prefix):
+            with safe_open(str(hf_dir / file), "pt") as f:
+                weights[key[len(prefix):]] = f.get_tensor(key)
+    layer = Glm4MoeDecoderLayer(cfg, layer_idx=n)
+    own = {k: v for k, v in weights.items() if k.split(".")[0] in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")}
+    missing, unexpected = layer.load_state_dict(own, strict=False)
+    missing = [m for m in missing if "e_score_correction_bias" not in m]
+    if "mlp.gate.e_score_correction_bias" in own:
+        layer.mlp.gate.e_score_correction_bias.copy_(own["mlp.gate.e_score_correction_bias"])
+    assert not missing and not unexpected, (missing, unexpected)
+    enorm, hnorm, fnorm = (Glm4MoeRMSNorm(h, eps) for _ in range(3))
+    enorm.weight.data.copy_(weights["enorm.weight"])
+    hnorm.weight.data.copy_(weights["hnorm.weight"])
+    fnorm.weight.data.copy_(weights["shared_head.norm.weight"])
+    eh = torch.nn.Linear(2 * h, h, bias=False)
+    eh.weight.data.copy_(weights["eh_proj.weight"])
+    mods = [m.to(device="cuda", dtype=dtype).eval() for m in (layer, enorm, hnorm, fnorm, eh)]
+    layer, enorm, hnorm, fnorm, eh = mods
+    with torch.no_grad():
+        rolled = torch.roll(ids, shifts=-1, dims=-1)
+        emb = hf_model.model.embed_tokens(rolled)
+        hid = h_in.transpose(0, 1).to(dtype)
+        x = eh(torch.cat((enorm(emb), hnorm(hid)), dim=-1))
+        pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
+        pe = hf_model.model.rotary_emb(x, pos)
+        out = layer(x, attention_mask=None, position_ids=pos, position_embeddings=pe)
+        x = out[0] if isinstance(out, tuple) else out
+        return hf_model.lm_head(fnorm(x))
+
+
+def errors(ours: torch.Tensor, ref: torch.Tensor) -> dict:
+    a, b = ours.float(), ref.float()
+    return {"max_abs": float((a - b).abs().max()), "rel": float((a - b).norm() / b.norm()),
+            "ref_max_abs": float(b.abs().max())}
+
+
+def check_dtype(args, dname, hf, hf_dir, ids, rank, out, report) -> None:
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
+    tol = args.rel_tol_fp32 if dtype == torch.float32 else args.rel_tol_bf16
+    model = build_model(hf, dtype, args.tp, args.ep, args.sp)
+    if "manifest_matches_fixture" not in report:
+        manifest = gather_manifest(key_manifest(model))
+        if rank == 0:
+            (out / "megatron_keys_tiny.json").write_text(json.dumps(manifest, indent=1) + "\n")
+            same = None
+            if args.fixture:
+                fixture = json.loads(Path(args.fixture).read_text())
+                same = fixture.get("tensors") == manifest["tensors"] and fixture.get("objects") == manifest["objects"]
+                report["ok"] &= same
+            report["manifest_matches_fixture"] = same
+    ref = hf_reference(hf_dir, dtype) if rank == 0 else None
+    with torch.no_grad():
+        ref_logits = ref(ids).logits if rank == 0 else None
+    for item in args.ckpt:
+        name, path = item.split("=", 1)
+        load = load_checkpoint(model, Path(path))
+        logits, h_in, mtp_logits = megatron_forward(model, ids, args.sp)
+        if rank != 0:
+            continue
+        run = {"checkpoint": name, "dtype": dname, **load, "logits": errors(logits, ref_logits)}
+        if mtp_logits is not None:
+            try:
+                mtp_ref = hf_mtp_reference(ref, hf_dir, ids, h_in, dtype)
+                # The last position has no next token (Megatron rolls a 0 in): compare the others.
+                run["mtp_logits"] = errors(mtp_logits[:, :-1], mtp_ref[:, :-1])
+            except Exception:
+                import traceback
+
+                run["mtp_error"] = traceback.format_exc()
+        run["ok"] = (not load["missing"] and not load["unexpected"] and not load["torch_missing"]
+                     and not load["torch_unexpected"] and run["logits"]["rel"] <= tol
+                     and "mtp_error" not in run
+                     and ("mtp_logits" not in run or run["mtp_logits"]["rel"] <= tol))
+        report["ok"] &= run["ok"]
+        report["runs"].append(run)
+        print(json.dumps(run), flush=True)
+
+
+def main() -> int:
+    args = parse()
+    init_dist(args.tp, args.ep)
+    rank = torch.distributed.get_rank()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_dir = Path(args.hf)
+    hf = json.loads((hf_dir / "config.json").read_text())
+    gen = torch.Generator().manual_seed(SEED)
+    ids = torch.randint(0, hf["vocab_size"], (BATCH, SEQ), generator=gen).cuda()
+    report = {"layout": {"tp": args.tp, "ep": args.ep, "sp": args.sp, "world": torch.distributed.get_world_size()},
+              "versions": _versions(), "runs": [], "ok": True}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    for dname in args.dtypes.split(","):
+        try:
+            check_dtype(args, dname, hf, hf_dir, ids, rank, out, report)
+        except Exception:  # keep going: one device run should report every failure
+            import traceback
+
+            report["ok"] = False
+            report.setdefault("errors", []).append({"dtype": dname, "traceback": traceback.format_exc()})
+            print(traceback.format_exc(), file=sys.stderr, flush=True)
+        torch.cuda.empty_cache()
+    if rank == 0:
+        (out / "gpu_results.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(json.dumps({k: v for k, v in report.items() if k != "runs"}), flush=True)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    return 0 if report["ok"] else 1
+
+
+def _versions() -> dict:
+    import megatron.core
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "megatron_core": getattr(megatron.core, "__version__", "?"), "gpu": torch.cuda.get_device_name()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
