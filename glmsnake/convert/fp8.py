@@ -322,7 +322,7 @@ def convert_shard(plan: ShardPlan, dst: Path, scheme: Scheme, device: torch.devi
                 else:
                     out = plan.out[info.name]
                     copy_range(src_fd, plan.src.data_start + info.begin, dst_fd, len(plan.header) + out.begin,
-                               info.nbytes, bufs.host("copy", 8 << 20))  # fmt: skip
+                               info.nbytes, lambda: bufs.host("copy", 8 << 20))  # fmt: skip
                     report(info.nbytes)
     finally:
         os.close(src_fd)
@@ -455,7 +455,11 @@ def _convert_and_record(plan: ShardPlan, stage: Path, scheme: Scheme, device, pr
 
 
 def _cpu_threads(workers: int) -> int:
-    """Torch threads per worker on a CPU: the cores shared by the workers running at once."""
+    """Torch threads per worker on a CPU: the cores shared among the requested workers.
+
+    Workers, not torch's OpenMP threads, are the parallelism: on a shared, busy machine
+    OpenMP's spinning barriers made 2 threads 10x slower than 1 here.
+    """
     return max(1, (os.cpu_count() or 1) // workers)
 
 
@@ -496,7 +500,7 @@ def convert(
     n_workers = max(1, min(int(workers), len(todo)))
     threads = torch.get_num_threads()
     if dev.type == "cpu":
-        torch.set_num_threads(_cpu_threads(n_workers))
+        torch.set_num_threads(_cpu_threads(int(workers)))
     try:
         with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="fp8") as pool:
             futures = {p.name: pool.submit(_convert_and_record, p, stage, scheme, dev, progress, fsync) for p in todo}

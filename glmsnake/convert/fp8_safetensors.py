@@ -155,8 +155,8 @@ def write_at(fd: int, data: torch.Tensor | bytes, offset: int) -> None:
         done += os.pwrite(fd, view[done:], offset + done)
 
 
-def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, nbytes: int, scratch: torch.Tensor) -> None:
-    """Copy bytes between files in the kernel when it can (copy_file_range), else through `scratch`."""
+def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, nbytes: int, scratch) -> None:
+    """Copy bytes between files in the kernel when it can (copy_file_range), else through `scratch()`."""
     done = 0
     try:
         while done < nbytes:
@@ -167,6 +167,7 @@ def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, nbytes: int
     except OSError:
         pass  # e.g. EXDEV on old kernels: fall back to read/write below
     while done < nbytes:
-        n = min(nbytes - done, scratch.numel())
-        write_at(dst_fd, read_into(src_fd, scratch, src_off + done, n), dst_off + done)
+        buf = scratch()
+        n = min(nbytes - done, buf.numel())
+        write_at(dst_fd, read_into(src_fd, buf, src_off + done, n), dst_off + done)
         done += n

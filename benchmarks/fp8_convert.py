@@ -1,0 +1,235 @@
+"""FP8 conversion: glmsnake's streaming converter against a straightforward per-file baseline.
+
+    python benchmarks/fp8_convert.py --gb 2 --workers 2 --device cpu
+    python benchmarks/fp8_convert.py --gb 8 --workers 8 --device cuda --cross-check
+
+Both convert the same synthetic GLM-4.7-shaped shards (attention 12288x5120, expert
+projections 1536x5120 and 5120x1536, norms, router, expert bias), each in its own
+subprocess so peak RSS is measured separately (ru_maxrss of that process). The
+baseline does what slime's public tool does: load a whole shard, run whole-tensor
+float32 torch ops, save_file. Outputs must be byte-identical. The plain file-read
+bandwidth of the same files (one sequential pass, page cache warm, as for both
+converters) is measured in the same run as the ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from glmsnake.convert import fp8  # noqa: E402
+
+HIDDEN, Q_OUT, MOE_FFN = 5120, 12288, 1536
+SHARD_BYTES = 512 << 20
+
+
+# ---------------------------------------------------------------- synthetic input
+
+
+def synthetic_shard(layer: int, gen: torch.Generator, budget: int) -> dict[str, torch.Tensor]:
+    """One shard: a layer's attention q_proj plus as many experts as fit the byte budget."""
+    p = f"model.layers.{layer}."
+
+    def w(rows, cols):
+        return (torch.randn(rows, cols, generator=gen) * 0.02).to(torch.bfloat16)
+
+    t = {
+        p + "self_attn.q_proj.weight": w(Q_OUT, HIDDEN),
+        p + "self_attn.q_proj.bias": w(1, Q_OUT).view(-1),
+        p + "input_layernorm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16),
+        p + "post_attention_layernorm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16),
+        p + "mlp.gate.weight": w(160, HIDDEN),
+        p + "mlp.gate.e_score_correction_bias": torch.randn(160, generator=gen),
+    }
+    used = sum(x.numel() * x.element_size() for x in t.values())
+    e = 0
+    while used + 3 * MOE_FFN * HIDDEN * 2 <= budget:
+        for name, shape in (("gate_proj", (MOE_FFN, HIDDEN)), ("up_proj", (MOE_FFN, HIDDEN)), ("down_proj", (HIDDEN, MOE_FFN))):
+            t[f"{p}mlp.experts.{e}.{name}.weight"] = w(*shape)
+        used += 3 * MOE_FFN * HIDDEN * 2
+        e += 1
+    return t
+
+
+def make_input(dir: Path, gb: float, seed: int = 0) -> Path:
+    from safetensors.torch import save_file
+
+    marker = dir / "done.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("gb") == gb:
+        return dir
+    shutil.rmtree(dir, ignore_errors=True)
+    dir.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(seed)
+    total, n = int(gb * 1e9), max(1, round(gb * 1e9 / SHARD_BYTES))
+    weight_map = {}
+    for i in range(n):
+        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        shard = synthetic_shard(i, gen, total // n)
+        save_file(shard, dir / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+        del shard
+    (dir / fp8.INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (dir / "config.json").write_text(json.dumps({"model_type": "glm4_moe", "hidden_size": HIDDEN}))
+    marker.write_text(json.dumps({"gb": gb}))
+    return dir
+
+
+def shard_files(dir: Path) -> list[Path]:
+    return sorted(dir.glob("*.safetensors"))
+
+
+def read_bandwidth(dir: Path) -> tuple[float, int]:
+    """Seconds and bytes of one plain sequential read of every shard (what a copy must at least do)."""
+    buf = bytearray(16 << 20)
+    total, t0 = 0, time.perf_counter()
+    for p in shard_files(dir):
+        with open(p, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                total += n
+    return time.perf_counter() - t0, total
+
+
+# ---------------------------------------------------------------- the baseline
+
+
+def baseline_quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole-tensor block FP8, the public tool's way: pad, reshape, float32 ops, crop."""
+    rows, cols = w.shape
+    nr, nc = -(-rows // block[0]), -(-cols // block[1])
+    padded = F.pad(w, (0, nc * block[1] - cols, 0, nr * block[0] - rows))
+    blocks = padded.reshape(nr, block[0], nc, block[1])
+    amax = blocks.abs().amax(dim=(1, 3), keepdim=True)
+    scale = amax.clamp(min=1e-12).to(torch.float32) / 448.0
+    q = (blocks.to(torch.float32) / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    q = q.reshape(nr * block[0], nc * block[1])[:rows, :cols].clone()
+    return q, scale.reshape(nr, nc)
+
+
+def baseline_convert(src: Path, dst: Path, workers: int, device: str, block=(128, 128)) -> None:
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True)
+
+    def one(path: Path) -> None:
+        tensors = load_file(path, device=device)  # the whole shard
+        out = {}
+        for k, w in tensors.items():
+            if fp8.QUANTIZED_WEIGHT.search(k) and w.dim() == 2:
+                q, s = baseline_quantize(w, block)
+                out[k], out[k.removesuffix("weight") + "weight_scale_inv"] = q.cpu(), s.cpu()
+            else:
+                out[k] = w.cpu()
+        save_file(out, dst / path.name, metadata={"format": "pt"})
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(one, shard_files(src)))
+
+
+# ---------------------------------------------------------------- one measured run per subprocess
+
+
+def child(impl: str, src: Path, dst: Path, workers: int, device: str, fsync: bool) -> None:
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.rmtree(fp8.atomic.temp_dir_for(dst), ignore_errors=True)
+    torch.ones(1).sum()  # load torch's kernels before timing
+    # One torch thread per worker when the workers fill the cores, for both implementations.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    t0 = time.perf_counter()
+    if impl == "baseline":
+        baseline_convert(src, dst, workers, device)
+    else:
+        fp8.convert(src, dst, workers=workers, device=device, fsync=fsync, log=open(os.devnull, "w"))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"seconds": seconds, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+
+
+def run_child(impl: str, src: Path, dst: Path, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", impl, "--src", str(src), "--dst", str(dst),
+           "--workers", str(args.workers), "--device", args.device]  # fmt: skip
+    if args.fsync:
+        cmd.append("--fsync")
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"{impl} failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def same_shards(a: Path, b: Path) -> bool:
+    for pa in shard_files(a):
+        pb = b / pa.name
+        if not pb.is_file() or pa.stat().st_size != pb.stat().st_size:
+            return False
+        with open(pa, "rb") as fa, open(pb, "rb") as fb:
+            while chunk := fa.read(16 << 20):
+                if chunk != fb.read(len(chunk)):
+                    return False
+    return len(shard_files(a)) == len(shard_files(b)) > 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gb", type=float, default=2.0, help="input size in GB (bf16)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/glmsnake-fp8-bench"))
+    ap.add_argument("--fsync", action="store_true", help="let glmsnake fsync shards (the baseline never does)")
+    ap.add_argument("--cross-check", action="store_true", help="also convert on the CPU and compare bytes")
+    ap.add_argument("--keep", action="store_true", help="keep the outputs")
+    ap.add_argument("--child", choices=["baseline", "glmsnake"], help=argparse.SUPPRESS)
+    ap.add_argument("--src", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--dst", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args.child, args.src, args.dst, args.workers, args.device, args.fsync)
+
+    t = time.perf_counter()
+    src = make_input(args.workdir / "input", args.gb)
+    print(f"input: {len(shard_files(src))} shards in {src} ({time.perf_counter() - t:.1f} s to make or find)")
+    read_bandwidth(src)  # warm the page cache, as a converter run right after a download would find it
+    read_s, nbytes = read_bandwidth(src)
+    gb = nbytes / 1e9
+    results = {}
+    for impl in ("baseline", "glmsnake"):
+        results[impl] = run_child(impl, src, args.workdir / f"out-{impl}", args)
+    identical = same_shards(args.workdir / "out-baseline", args.workdir / "out-glmsnake")
+
+    print(f"\n{gb:.2f} GB of bf16 shards, device {args.device}, {args.workers} workers, {os.cpu_count()} cores")
+    print(f"{'':<22}{'seconds':>9}{'GB/s in':>10}{'peak RSS':>12}")
+    print(f"{'plain file read':<22}{read_s:>9.2f}{gb / read_s:>10.2f}{'':>12}")
+    for impl, r in results.items():
+        print(f"{impl:<22}{r['seconds']:>9.2f}{gb / r['seconds']:>10.2f}{r['maxrss_kb'] / 1e6:>10.2f} GB")
+    b, g = results["baseline"], results["glmsnake"]
+    print(f"\nthroughput ratio glmsnake/baseline: {b['seconds'] / g['seconds']:.2f}x")
+    print(f"peak RSS ratio glmsnake/baseline:   {g['maxrss_kb'] / b['maxrss_kb']:.3f}")
+    print(f"glmsnake / plain read bandwidth:    {read_s / g['seconds']:.0%}")
+    print(f"output shards byte-identical:       {identical}")
+    if args.cross_check and args.device == "cuda":
+        cpu_args = argparse.Namespace(**{**vars(args), "device": "cpu"})
+        c = run_child("glmsnake", src, args.workdir / "out-cpu", cpu_args)
+        same = same_shards(args.workdir / "out-cpu", args.workdir / "out-glmsnake")
+        print(f"glmsnake on CPU: {c['seconds']:.2f} s ({gb / c['seconds']:.2f} GB/s); GPU bytes == CPU bytes: {same}")
+    if not args.keep:
+        for d in args.workdir.glob("out-*"):
+            shutil.rmtree(d, ignore_errors=True)
+    if not identical:
+        sys.exit("outputs differ")
+
+
+if __name__ == "__main__":
+    main()
