@@ -8,6 +8,8 @@ rule convert_torch_dist:
         done=WF.torch_dist_dir / SENTINEL,
     params:
         key=staleness.torch_dist(WF),
+    conda:
+        "../envs/cpu.yaml"
     log:
         LOGS / "convert_torch_dist.log",
     localrule: True  # blocks here while submitit holds the multi-node allocation
@@ -22,6 +24,8 @@ rule convert_fp8:
         done=WF.fp8_dir / SENTINEL,
     params:
         key=staleness.fp8(WF),
+    conda:
+        "../envs/cpu.yaml"
     log:
         LOGS / "convert_fp8.log",
     threads: WF.preset.convert.fp8.workers

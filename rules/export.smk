@@ -8,6 +8,8 @@ rule export_hf:
         done=WF.run_dir("{run}") / "hf" / SENTINEL,
     params:
         key=lambda wc: staleness.export_hf(WF, wc.run),
+    conda:
+        "../envs/cpu.yaml"
     log:
         LOGS / "export_hf.{run}.log",
     wildcard_constraints:

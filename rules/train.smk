@@ -11,6 +11,8 @@ rule train_run:
         done=WF.run_dir("{run}") / SENTINEL,
     params:
         key=lambda wc: staleness.train(WF, wc.run),
+    conda:
+        "../envs/cpu.yaml"
     log:
         LOGS / "train.{run}.log",
     wildcard_constraints:

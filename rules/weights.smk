@@ -6,6 +6,8 @@ rule download_hf:
         manifest=hf_manifest(),
     params:
         key=staleness.weights(WF),
+    conda:
+        "../envs/cpu.yaml"
     log:
         LOGS / "download_hf.log",
     resources:
@@ -19,6 +21,8 @@ rule download_dataset:
         data=WF.base / "data" / "{name}.jsonl",
     params:
         key=lambda wc: staleness.dataset(WF, wc.name),
+    conda:
+        "../envs/cpu.yaml"
     log:
         LOGS / "download_dataset.{name}.log",
     resources:

@@ -45,15 +45,17 @@ def server_home(monkeypatch) -> Path:
     return Path(tempfile.mkdtemp(prefix="hfhome"))
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = None, merge_stderr: bool = True) -> subprocess.CompletedProcess:
     """Run the real snakemake on this repo's Snakefile with outputs under `workdir`."""
     cmd = [
         sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
         "--configfile", str(REPO / "config" / "config.yaml"), "--cores", "2", *args,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    # One stream: Snakemake writes its job listing to stderr and some reports to stdout.
+    stderr = subprocess.STDOUT if merge_stderr else subprocess.PIPE
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}")
     return proc
 
 
