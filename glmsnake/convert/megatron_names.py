@@ -163,7 +163,7 @@ def units(arch: GlmArch) -> list[Unit]:
     head = Unit("head", [MegatronTensor("decoder.final_layernorm.weight", "copy", ("model.norm.weight",))])
     if not arch.tied_embeddings:
         head.tensors.append(MegatronTensor("output_layer.weight", "copy", ("lm_head.weight",)))
-    head.extra_states.append(extra_state_key("output_layer"))
+    # No output_layer._extra_state: GPTModel drops it from its sharded state dict (old checkpoints lack it).
     out.append(head)
     return out
 
