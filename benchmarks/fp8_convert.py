@@ -41,11 +41,11 @@ SHARD_BYTES = 512 << 20
 
 
 def synthetic_shard(layer: int, gen: torch.Generator, budget: int) -> dict[str, torch.Tensor]:
-    """One shard: a layer's attention q_proj plus as many experts as fit the byte budget."""
+    """One shard: a layer's attention q_proj plus experts up to the byte budget."""
     p = f"model.layers.{layer}."
 
     def w(rows, cols):
-        return (torch.randn(rows, cols, generator=gen) * 0.02).to(torch.bfloat16)
+        return (torch.randn(rows, cols, generator=gen, device=gen.device) * 0.02).to(torch.bfloat16).cpu()
 
     t = {
         p + "self_attn.q_proj.weight": w(Q_OUT, HIDDEN),
@@ -53,11 +53,11 @@ def synthetic_shard(layer: int, gen: torch.Generator, budget: int) -> dict[str, 
         p + "input_layernorm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16),
         p + "post_attention_layernorm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16),
         p + "mlp.gate.weight": w(160, HIDDEN),
-        p + "mlp.gate.e_score_correction_bias": torch.randn(160, generator=gen),
+        p + "mlp.gate.e_score_correction_bias": torch.randn(160, generator=gen, device=gen.device).cpu(),
     }
     used = sum(x.numel() * x.element_size() for x in t.values())
     e = 0
-    while used + 3 * MOE_FFN * HIDDEN * 2 <= budget:
+    while used < budget:
         for name, shape in (("gate_proj", (MOE_FFN, HIDDEN)), ("up_proj", (MOE_FFN, HIDDEN)), ("down_proj", (HIDDEN, MOE_FFN))):
             t[f"{p}mlp.experts.{e}.{name}.weight"] = w(*shape)
         used += 3 * MOE_FFN * HIDDEN * 2
@@ -73,7 +73,8 @@ def make_input(dir: Path, gb: float, seed: int = 0) -> Path:
         return dir
     shutil.rmtree(dir, ignore_errors=True)
     dir.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(seed)
+    # On a GPU machine the GPU draws the numbers (minutes less of device time); same bytes each run.
+    gen = torch.Generator("cuda" if torch.cuda.is_available() else "cpu").manual_seed(seed)
     total, n = int(gb * 1e9), max(1, round(gb * 1e9 / SHARD_BYTES))
     weight_map = {}
     for i in range(n):
@@ -156,7 +157,15 @@ def child(impl: str, src: Path, dst: Path, workers: int, device: str, fsync: boo
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    print(json.dumps({"seconds": seconds, "maxrss_kb": peak_rss_kb()}))
+
+
+def peak_rss_kb() -> int:
+    """This process's peak RSS. Not ru_maxrss: after fork+exec that also counts the parent's RSS."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def run_child(impl: str, src: Path, dst: Path, args) -> dict:
