@@ -147,10 +147,9 @@ class Slurm(Strict):
     )
 
 
-class Run(Strict):
-    """One training run: the training-side argument groups, fully resolved."""
+class TrainingGroups(Strict):
+    """slime's training-side argument groups: a preset's defaults, overridable per run."""
 
-    name: str
     rollout: RolloutArgs
     eval: EvalArgs = EvalArgs()
     perf: PerfArgs = PerfArgs()
@@ -165,7 +164,13 @@ class Run(Strict):
     train: Train = Train()
 
 
-class Preset(Strict):
+class Run(TrainingGroups):
+    """One training run, fully resolved."""
+
+    name: str
+
+
+class Preset(TrainingGroups):
     """Everything a preset file holds (config/presets/*.yaml)."""
 
     model_name: str
@@ -176,22 +181,9 @@ class Preset(Strict):
     model: ModelArgs
     convert: Convert = Convert()
     container: Container = Container()
-    # Training groups: defaults for every run.
-    rollout: RolloutArgs
-    eval: EvalArgs = EvalArgs()
-    perf: PerfArgs = PerfArgs()
-    grpo: GrpoArgs = GrpoArgs()
-    optimizer: OptimizerArgs
-    sglang: SglangArgs = SglangArgs()
-    sglang_speculative: SglangArgs | None = None
-    sglang_fp8: dict[str, Any] = {}
-    mtp: MtpArgs = MtpArgs()
-    misc: MiscArgs = MiscArgs()
-    features: Features = Features()
-    train: Train = Train()
 
 
-RUN_KEYS = tuple(Run.model_fields.keys() - {"name"})
+RUN_KEYS = tuple(TrainingGroups.model_fields)
 
 
 class UserConfig(Strict):

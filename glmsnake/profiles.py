@@ -31,7 +31,7 @@ def install_profiles(dest: Path | None = None) -> list[Path]:
         if link.is_symlink():
             link.unlink()
         elif link.exists():
-            raise GlmsnakeError(f"{link} exists and is not a link to glmsnake's profile", f"move it away, then rerun")
+            raise GlmsnakeError(f"{link} exists and is not a link to glmsnake's profile", "move it away, then rerun")
         link.symlink_to(target, target_is_directory=True)
         links.append(link)
     return links
