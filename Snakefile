@@ -36,6 +36,7 @@ rule all:
     input:
         rules.weights.input,
         rules.torch_dist.input,
+        rules.fp8.input,  # built even without FP8 rollout: SGLang serves it, and it is checked here
         rules.train.input,
         expand(WF.run_dir("{run}") / "hf" / SENTINEL, run=list(WF.runs)),
     default_target: True

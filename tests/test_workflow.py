@@ -132,3 +132,20 @@ def test_revision_change_reruns_the_weights_step(tmp_path, hub_server, tiny_hf):
     assert jobs_of(out) == {"download_hf": 1} and any("Params have changed" in r for r in reasons_of(out, "download_hf"))
     run("v2")
     assert json.loads(manifest.read_text())["commit"] == "b" * 40
+
+
+def test_plan_shows_allocations_and_snakemakes_reasons(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "glmsnake.cli", "plan", "train", "--configfile", str(REPO / "config/config.yaml"),
+         "--snakemake-args", "-d", str(tmp_path), "--config", f"base_dir={tmp_path / 'b'}", "preset=glm4.7-355b-64xh100"],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "convert_torch_dist" in out and "2 x 8 GPU (submitit)" in out
+    assert "train_run" in out and "8 x 8 GPU (submitit + Ray)" in out
+    assert "Missing output files" in out
+    assert not (tmp_path / "b").exists()
