@@ -261,9 +261,14 @@ def preflight(wf: "Workflow", allocation: "Allocation", name: str = "step") -> N
             )
 
 
+_KEEP_ENV = ("SLURM_CONF",)  # where the cluster's slurm.conf is: needed by sbatch/srun/scontrol
+
+
 def _submit(ex: submitit.Executor, task: _Task) -> Any:
+    keep = {k: os.environ[k] for k in _KEEP_ENV if k in os.environ}
     try:
         with submitit.helpers.clean_env():  # Snakemake may itself run inside a Slurm job
+            os.environ.update(keep)
             return ex.submit(task)
     except submitit_utils.FailedJobError as e:
         # CommandFunction puts sbatch's stderr into the message: surface it verbatim.
