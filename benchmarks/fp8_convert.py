@@ -114,7 +114,8 @@ def baseline_quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Te
     padded = F.pad(w, (0, nc * block[1] - cols, 0, nr * block[0] - rows))
     blocks = padded.reshape(nr, block[0], nc, block[1])
     amax = blocks.abs().amax(dim=(1, 3), keepdim=True)
-    scale = amax.clamp(min=1e-12).to(torch.float32) / 448.0
+    # a tensor divisor: CUDA turns division by a Python number into a reciprocal multiply
+    scale = amax.clamp(min=1e-12).to(torch.float32) / torch.tensor(448.0, device=w.device)
     q = (blocks.to(torch.float32) / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
     q = q.reshape(nr * block[0], nc * block[1])[:rows, :cols].clone()
     return q, scale.reshape(nr, nc)
@@ -147,17 +148,20 @@ def child(impl: str, src: Path, dst: Path, workers: int, device: str, fsync: boo
     shutil.rmtree(dst, ignore_errors=True)
     shutil.rmtree(fp8.atomic.temp_dir_for(dst), ignore_errors=True)
     torch.ones(1).sum()  # load torch's kernels before timing
+    if device == "cuda":  # and create the CUDA context (~0.5 s), for both implementations alike
+        torch.ones(1, device="cuda").sum().item()
     # One torch thread per worker when the workers fill the cores, for both implementations.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-    t0 = time.perf_counter()
+    t0, phases = time.perf_counter(), {}
     if impl == "baseline":
         baseline_convert(src, dst, workers, device)
     else:
-        fp8.convert(src, dst, workers=workers, device=device, fsync=fsync, log=open(os.devnull, "w"))
+        result = fp8.convert(src, dst, workers=workers, device=device, fsync=fsync, log=open(os.devnull, "w"))
+        phases = result.phase_seconds
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "maxrss_kb": peak_rss_kb()}))
+    print(json.dumps({"seconds": seconds, "maxrss_kb": peak_rss_kb(), "phases": phases}))
 
 
 def peak_rss_kb() -> int:
@@ -168,11 +172,12 @@ def peak_rss_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def run_child(impl: str, src: Path, dst: Path, args) -> dict:
+def run_child(impl: str, src: Path, dst: Path, args, workers: int | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", impl, "--src", str(src), "--dst", str(dst),
-           "--workers", str(args.workers), "--device", args.device]  # fmt: skip
+           "--workers", str(workers or args.workers), "--device", args.device]  # fmt: skip
     if args.fsync:
         cmd.append("--fsync")
+    os.sync()  # flush earlier writes (the input, the last run's output) so no run pays for another's
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"{impl} failed:\n{out.stderr}")
@@ -197,9 +202,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/glmsnake-fp8-bench"))
+    ap.add_argument("--out-dir", type=Path, help="where outputs go (default: --workdir); /dev/shm keeps a slow disk out")
     ap.add_argument("--fsync", action="store_true", help="let glmsnake fsync shards (the baseline never does)")
     ap.add_argument("--cross-check", action="store_true", help="also convert on the CPU and compare bytes")
     ap.add_argument("--keep", action="store_true", help="keep the outputs")
+    ap.add_argument("--sweep-workers", type=int, nargs="*", default=[], help="also time glmsnake at these worker counts")
     ap.add_argument("--child", choices=["baseline", "glmsnake"], help=argparse.SUPPRESS)
     ap.add_argument("--src", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--dst", type=Path, help=argparse.SUPPRESS)
@@ -207,6 +214,7 @@ def main() -> None:
     if args.child:
         return child(args.child, args.src, args.dst, args.workers, args.device, args.fsync)
 
+    args.out_dir = args.out_dir or args.workdir
     t = time.perf_counter()
     src = make_input(args.workdir / "input", args.gb)
     print(f"input: {len(shard_files(src))} shards in {src} ({time.perf_counter() - t:.1f} s to make or find)")
@@ -215,8 +223,8 @@ def main() -> None:
     gb = nbytes / 1e9
     results = {}
     for impl in ("baseline", "glmsnake"):
-        results[impl] = run_child(impl, src, args.workdir / f"out-{impl}", args)
-    identical = same_shards(args.workdir / "out-baseline", args.workdir / "out-glmsnake")
+        results[impl] = run_child(impl, src, args.out_dir / f"out-{impl}", args)
+    identical = same_shards(args.out_dir / "out-baseline", args.out_dir / "out-glmsnake")
 
     print(f"\n{gb:.2f} GB of bf16 shards, device {args.device}, {args.workers} workers, {os.cpu_count()} cores")
     print(f"{'':<22}{'seconds':>9}{'GB/s in':>10}{'peak RSS':>12}")
@@ -228,13 +236,19 @@ def main() -> None:
     print(f"peak RSS ratio glmsnake/baseline:   {g['maxrss_kb'] / b['maxrss_kb']:.3f}")
     print(f"glmsnake / plain read bandwidth:    {read_s / g['seconds']:.0%}")
     print(f"output shards byte-identical:       {identical}")
+    print("glmsnake time per phase, summed over workers (s):", {k: round(v, 2) for k, v in g["phases"].items()})
+    for n in args.sweep_workers:
+        r = run_child("glmsnake", src, args.out_dir / f"out-w{n}", args, workers=n)
+        same = same_shards(args.out_dir / "out-baseline", args.out_dir / f"out-w{n}")
+        print(f"glmsnake with {n} workers: {r['seconds']:.2f} s, {gb / r['seconds']:.2f} GB/s "
+              f"({read_s / r['seconds']:.0%} of read), RSS {r['maxrss_kb'] / 1e6:.2f} GB, identical {same}")
     if args.cross_check and args.device == "cuda":
         cpu_args = argparse.Namespace(**{**vars(args), "device": "cpu"})
-        c = run_child("glmsnake", src, args.workdir / "out-cpu", cpu_args)
-        same = same_shards(args.workdir / "out-cpu", args.workdir / "out-glmsnake")
+        c = run_child("glmsnake", src, args.out_dir / "out-cpu", cpu_args)
+        same = same_shards(args.out_dir / "out-cpu", args.out_dir / "out-glmsnake")
         print(f"glmsnake on CPU: {c['seconds']:.2f} s ({gb / c['seconds']:.2f} GB/s); GPU bytes == CPU bytes: {same}")
     if not args.keep:
-        for d in args.workdir.glob("out-*"):
+        for d in args.out_dir.glob("out-*"):
             shutil.rmtree(d, ignore_errors=True)
     if not identical:
         sys.exit("outputs differ")

@@ -221,6 +221,8 @@ class _Buffers:
     device: torch.device
     quantizer: ChunkQuantizer = field(init=False)
     stream: object = field(init=False, default=None)
+    times: "PhaseTimes" = field(init=False, default=None)
+    mark: float = field(init=False, default=0.0)
     _host: dict = field(init=False, default_factory=dict)
     _dev: dict = field(init=False, default_factory=dict)
 
@@ -259,20 +261,25 @@ def _read_rows(bufs: _Buffers, fd: int, info: TensorInfo, data_start: int, r0: i
     nbytes = r * cols * ITEMSIZE[info.dtype]
     if bufs.stream is not None:
         bufs.stream.synchronize()  # the last upload from the pinned buffer must finish before we refill it
+    t = time.perf_counter()
     raw = read_into(fd, bufs.host("in", nbytes), data_start + info.begin + r0 * cols * ITEMSIZE[info.dtype], nbytes)
+    bufs.mark = bufs.times.add("read", t)
     if bufs.device.type == "cuda":
         raw = bufs.dev(nbytes)[:nbytes].copy_(raw, non_blocking=True)
     return raw.view(DTYPES[info.dtype]).view(r, cols)
 
 
 def _write_fp8(bufs: _Buffers, fd: int, q: torch.Tensor, offset: int) -> None:
+    t = bufs.mark  # since the chunk was read: quantizing (and on a GPU the copies there and back)
     if bufs.device.type == "cuda" or not q.is_contiguous():
         host = bufs.host("out", q.numel())[: q.numel()].view(FP8).view(q.shape)
         host.copy_(q, non_blocking=True)
         if bufs.stream is not None:
             bufs.stream.synchronize()
         q = host
+    t = bufs.times.add("compute", t)
     write_at(fd, q, offset)
+    bufs.times.add("write", t)
 
 
 def _quantize_tensor(bufs, src_fd, src: Header, info: TensorInfo, dst_fd, plan: ShardPlan, report) -> None:
@@ -309,9 +316,12 @@ def _quantize_tensor(bufs, src_fd, src: Header, info: TensorInfo, dst_fd, plan: 
     write_at(dst_fd, scales, out_start + s_out.begin)
 
 
-def convert_shard(plan: ShardPlan, dst: Path, scheme: Scheme, device: torch.device, report=lambda n: None) -> None:
+def convert_shard(
+    plan: ShardPlan, dst: Path, scheme: Scheme, device: torch.device, report=lambda n: None, times=None
+) -> None:
     """Write the converted shard to `dst`, tensor by tensor, never holding a whole tensor."""
     bufs = _workspace.get(scheme, device)
+    bufs.times = times or PhaseTimes()
     src_fd = os.open(plan.src.path, os.O_RDONLY)
     dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     ctx = torch.cuda.stream(bufs.stream) if bufs.stream is not None else _nullcontext()
@@ -324,8 +334,10 @@ def convert_shard(plan: ShardPlan, dst: Path, scheme: Scheme, device: torch.devi
                     _quantize_tensor(bufs, src_fd, plan.src, info, dst_fd, plan, report)
                 else:
                     out = plan.out[info.name]
+                    t = time.perf_counter()
                     copy_range(src_fd, plan.src.data_start + info.begin, dst_fd, len(plan.header) + out.begin,
                                info.nbytes, lambda: bufs.host("copy", 8 << 20))  # fmt: skip
+                    bufs.times.add("copy", t)
                     report(info.nbytes)
     finally:
         os.close(src_fd)
@@ -341,6 +353,20 @@ class _nullcontext:
 
 
 # ---------------------------------------------------------------- progress
+
+
+class PhaseTimes:
+    """Seconds per phase (read, compute, write, hash), summed over workers: where the time goes."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.lock = threading.Lock()
+
+    def add(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        with self.lock:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + now - since
+        return now
 
 
 class Progress:
@@ -403,6 +429,7 @@ class ConvertResult:
     seconds: float
     device: str
     modules_to_not_convert: list[str]
+    phase_seconds: dict[str, float]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -454,13 +481,16 @@ def _verified(stage: Path, plan: ShardPlan, scheme: Scheme) -> str | None:
     return record["sha256"] if sha256_file(out) == record["sha256"] else None
 
 
-def _convert_and_record(plan: ShardPlan, stage: Path, scheme: Scheme, device, progress: Progress, fsync: bool) -> str:
+def _convert_and_record(plan: ShardPlan, stage: Path, scheme: Scheme, device, progress, fsync: bool, times) -> str:
     tmp = stage / f"{plan.name}{INCOMPLETE_SUFFIX}"
-    convert_shard(plan, tmp, scheme, device, progress.add_bytes)
+    convert_shard(plan, tmp, scheme, device, progress.add_bytes, times)
+    t = time.perf_counter()
     if fsync:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        t = times.add("fsync", t)
     digest = sha256_file(tmp)
+    times.add("hash", t)
     os.replace(tmp, stage / plan.name)
     atomic.write_json(stage / f".{plan.name}{OK_SUFFIX}", _ok_record(plan, scheme, digest))
     progress.shard_done()
@@ -501,6 +531,7 @@ def convert(
     stage = atomic.temp_dir_for(save_dir)
     stage.mkdir(parents=True, exist_ok=True)
     progress = Progress(sum(p.in_bytes for p in plans), len(plans), log)
+    times = PhaseTimes()
     digests, todo = {}, []
     for plan in plans:
         if (digest := _verified(stage, plan, scheme)) is not None:
@@ -516,7 +547,9 @@ def convert(
         torch.set_num_threads(_cpu_threads(int(workers)))
     try:
         with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="fp8") as pool:
-            futures = {p.name: pool.submit(_convert_and_record, p, stage, scheme, dev, progress, fsync) for p in todo}
+            futures = {
+                p.name: pool.submit(_convert_and_record, p, stage, scheme, dev, progress, fsync, times) for p in todo
+            }
             for name, fut in futures.items():
                 digests[name] = fut.result()
     finally:
@@ -529,7 +562,7 @@ def convert(
     atomic.publish_dir(stage, save_dir)
     return ConvertResult(
         save_dir, dict(sorted(digests.items())), sorted(p.name for p in todo),
-        sum(p.in_bytes for p in plans), time.monotonic() - t0, str(dev), skip,
+        sum(p.in_bytes for p in plans), time.monotonic() - t0, str(dev), skip, dict(times.seconds),
     )  # fmt: skip
 
 

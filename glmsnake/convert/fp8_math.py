@@ -112,9 +112,14 @@ def _compressed_tensors_channel_config(ignore: list[str]) -> dict:
 
 
 def scale_from_amax(amax: torch.Tensor, weight_dtype: torch.dtype) -> torch.Tensor:
-    """float32(max(amax, 1e-12)) / 448; `amax` holds values exact in `weight_dtype`."""
-    scale = amax.to(weight_dtype).clamp(min=AMAX_FLOOR).to(torch.float32) / FP8_MAX
-    return scale
+    """float32(max(amax, 1e-12)) / 448; `amax` holds values exact in `weight_dtype`.
+
+    The divisor is a tensor on amax's device: given a Python number, CUDA multiplies by its
+    reciprocal (1/448 is inexact), which differs from the division in the last bit of some
+    scales; the CPU divides. A tensor divisor makes both devices divide.
+    """
+    clamped = amax.to(weight_dtype).clamp(min=AMAX_FLOOR).to(torch.float32)
+    return clamped / torch.full((), FP8_MAX, dtype=torch.float32, device=clamped.device)
 
 
 def group_amax(f: torch.Tensor, g0: int, g1: int) -> torch.Tensor:
