@@ -1,0 +1,56 @@
+"""The local backend's Ray job entry point: `python -m glmsnake.trainer.driver --settings FILE`.
+
+Submitted through Ray's Jobs SDK by the launcher (RAY_ADDRESS is set: it joins that
+cluster), or run directly, when it starts a private single-node Ray on a loopback
+address (tests, benchmark). Exit code 0 only when training reached num_rollout; the
+summary is printed as the last line, prefixed `GLMSNAKE_SUMMARY `.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+SUMMARY_PREFIX = "GLMSNAKE_SUMMARY "
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    # A private cluster on this machine only: a loopback address that Ray keeps as given
+    # (127.0.0.1 would be mapped to the interface address), no dashboard.
+    ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,
+             _node_ip_address=os.environ.get("GLMSNAKE_LOCAL_RAY_IP", "127.0.0.9"),
+             _temp_dir=os.environ.get("GLMSNAKE_LOCAL_RAY_TMP", f"/tmp/gsray{os.getpid()}"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="glmsnake.trainer.driver")
+    p.add_argument("--settings", required=True, help="trainer_settings.json written by the train step")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a private local Ray)")
+    p.add_argument("--num-cpus", type=int, default=None)
+    args = p.parse_args(argv)
+    from glmsnake.trainer.loop import Loop
+    from glmsnake.trainer.settings import TrainerSettings
+
+    settings = TrainerSettings.from_json(Path(args.settings).read_text())
+    init_ray(args.address, args.num_cpus)
+    import ray
+
+    try:
+        summary = Loop(settings, log=lambda m: print(m, flush=True)).run()
+    finally:
+        ray.shutdown()
+    print(SUMMARY_PREFIX + json.dumps(summary, sort_keys=True), flush=True)
+    return 0 if summary.get("final_iteration") == settings.num_rollout else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

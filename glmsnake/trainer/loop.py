@@ -1,0 +1,154 @@
+"""The driver's loop, shaped like slime's train.py: rollout -> train -> weight sync, repeat.
+
+Per rollout id r (from the latest checkpoint's iteration to num_rollout - 1):
+  1. the rollout actor samples n_samples_per_prompt responses for rollout_batch_size
+     prompts with the weights of version r and scores them;
+  2. the training actor turns them into advantages and optimizer steps;
+  3. the new weights go to the rollout actor (version r + 1);
+  4. the metrics line is appended; eval runs every eval_interval rollouts;
+  5. every save_interval rollouts (and at the end) the training actor writes iter_{r+1}.
+The order of 4 and 5 is what makes resume exact: a checkpoint at N implies the metrics
+of every rollout before N are on disk.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from glmsnake.trainer import checkpoints, metrics
+from glmsnake.trainer.data import read_jsonl, rollout_batch
+from glmsnake.trainer.rollout import sampling_seed
+from glmsnake.trainer.settings import TrainerSettings
+
+
+def actor_options(ray) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Ray resources for (trainer, rollout): a GPU each where the cluster has them, as slime places
+    actors on GPUs; CPU-only clusters get one CPU each when there are two."""
+    res = ray.cluster_resources()
+    gpus, cpus = res.get("GPU", 0), res.get("CPU", 0)
+    opt: dict[str, Any] = {"num_cpus": 1 if cpus >= 2 else 0}
+    if gpus >= 2:
+        opt["num_gpus"] = 1
+    elif gpus >= 1:
+        opt["num_gpus"] = 0.5  # colocated on one GPU
+    return dict(opt), dict(opt)
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+class Loop:
+    def __init__(self, settings: TrainerSettings, log: Callable[[str], None] = print):
+        self.s = settings
+        self.log = log
+
+    def run(self) -> dict[str, Any]:
+        import ray
+
+        from glmsnake.trainer.actor import TrainWorker
+        from glmsnake.trainer.rollout import RolloutWorker
+
+        s = self.s
+        Path(s.run_dir).mkdir(parents=True, exist_ok=True)
+        ckroot = Path(s.checkpoint_dir)
+        resume = checkpoints.latest(ckroot)
+        start = resume or 0
+        kept = metrics.truncate_to(s.metrics_path, start)
+        self.log(f"[trainer] run {s.run}: checkpoints {checkpoints.iterations(ckroot)}; "
+                 f"{'resuming from iter ' + str(resume) if resume is not None else 'starting from the torch_dist weights'}")
+        if start >= s.num_rollout:
+            metrics.plot(kept, s.plot_path, s.run)
+            return {"start": start, "final_iteration": start, **metrics.summary(kept)}
+        t_opts, r_opts = actor_options(ray)
+        trainer = ray.remote(TrainWorker).options(**t_opts).remote(s, resume)
+        rollout = ray.remote(RolloutWorker).options(**r_opts).remote(s)
+        got = ray.get(trainer.start_rollout.remote())
+        if got != start:
+            raise RuntimeError(f"trainer restored rollout {got}, expected {start}")
+        self.sync(trainer, rollout, start)
+        rows = read_jsonl(Path(s.prompt_data), s.input_key, s.label_key)
+        evals = {n: read_jsonl(Path(p), s.input_key, s.label_key) for n, p in s.eval_data.items()}
+        if evals and s.eval_interval and start % s.eval_interval == 0 \
+                and not any(r.get("kind") == "eval" and r["rollout_id"] == start for r in kept):
+            self.evaluate(rollout, evals, start)
+        for r in range(start, s.num_rollout):
+            self.one_rollout(trainer, rollout, rows, r)
+            if evals and s.eval_interval and (r + 1) % s.eval_interval == 0:
+                self.evaluate(rollout, evals, r + 1)
+            if (r + 1) % s.save_interval == 0 or r + 1 == s.num_rollout:
+                info = ray.get(trainer.save.remote(r + 1))
+                self.log(f"[trainer] saved iter {r + 1}: {info}")
+                metrics.plot(metrics.read(s.metrics_path), s.plot_path, s.run)
+        records = metrics.read(s.metrics_path)
+        return {"start": start, "final_iteration": checkpoints.latest(ckroot), **metrics.summary(records)}
+
+    def sync(self, trainer, rollout, version: int) -> float:
+        """Trainer -> rollout weights through Ray's object store; returns seconds."""
+        import ray
+
+        t0 = time.perf_counter()
+        ray.get(rollout.update_weights.remote(trainer.weights.remote(), version))
+        return time.perf_counter() - t0
+
+    def one_rollout(self, trainer, rollout, rows: list[dict[str, Any]], r: int) -> dict[str, Any]:
+        import ray
+
+        s = self.s
+        batch = rollout_batch(rows, r, s.rollout_batch_size, s.rollout_shuffle, s.rollout_seed)
+        t0 = time.perf_counter()
+        samples, ginfo = ray.get(rollout.generate.remote(
+            batch, s.n_samples_per_prompt, s.rollout_max_response_len, s.rollout_temperature,
+            sampling_seed(s.rollout_seed, r)))
+        t1 = time.perf_counter()
+        stats = ray.get(trainer.train.remote(r, samples))
+        t2 = time.perf_counter()
+        sync_s = self.sync(trainer, rollout, r + 1)
+        rewards = [x.reward for x in samples]
+        lens = [len(x.response_ids) for x in samples]
+        n = len(samples)
+        rec = {
+            "kind": "rollout",
+            "rollout_id": r,
+            "reward_mean": _mean(rewards),
+            "reward_std": statistics.pstdev(rewards) if n > 1 else 0.0,
+            "reward_max": max(rewards),
+            "response_len_mean": _mean(lens),
+            "truncated_ratio": _mean([float(x.truncated) for x in samples]),
+            "n_samples": n,
+            "weight_version": ginfo["weight_version"],
+            "rollout_seconds": t1 - t0,
+            "train_seconds": t2 - t1,
+            "sync_seconds": sync_s,
+            "rollout_samples_per_s": n / (t1 - t0),
+            "train_samples_per_s": n / (t2 - t1),
+            "samples_per_s": n / (t2 - t0 + sync_s),
+            "tokens_per_s": ginfo["tokens"] / (t1 - t0),
+            "time": time.time(),
+            **{k: v for k, v in stats.items() if k != "train_seconds"},
+        }
+        metrics.append(s.metrics_path, rec)
+        self.log(f"[trainer] rollout {r}: reward {rec['reward_mean']:.3f} ± {rec['reward_std']:.3f} "
+                 f"loss {rec.get('loss', 0):+.4f} len {rec['response_len_mean']:.2f} "
+                 f"({rec['samples_per_s']:.1f} samples/s, sync {sync_s * 1e3:.0f} ms)")
+        return rec
+
+    def evaluate(self, rollout, evals: dict[str, list[dict[str, Any]]], step: int) -> dict[str, Any]:
+        import ray
+
+        s = self.s
+        rec: dict[str, Any] = {"kind": "eval", "rollout_id": step, "time": time.time()}
+        for i, (name, rows) in enumerate(sorted(evals.items())):
+            samples, info = ray.get(rollout.generate.remote(
+                rows, s.n_samples_per_eval_prompt, s.eval_max_response_len or s.rollout_max_response_len,
+                s.rollout_temperature, sampling_seed(s.rollout_seed, step, salt=1 + i)))
+            rec[f"eval/{name}/reward_mean"] = _mean([x.reward for x in samples])
+            rec[f"eval/{name}/response_len_mean"] = _mean([len(x.response_ids) for x in samples])
+            rec[f"eval/{name}/seconds"] = info["seconds"]
+        metrics.append(s.metrics_path, rec)
+        self.log(f"[trainer] eval after {step} rollouts: "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in rec.items() if k.endswith("reward_mean")))
+        return rec
