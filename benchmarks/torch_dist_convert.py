@@ -1,0 +1,156 @@
+"""Benchmark: HF -> torch_dist conversion on this CPU against `cp -r` of the same folder.
+
+Writes a synthetic GLM-4-MoE-shaped checkpoint (bf16, fp32 expert bias, one dense layer,
+MoE layers with routed + shared experts, one MTP layer; one shard per layer) of about
+--gb gigabytes, then measures in the same run:
+- `cp -r` of the HF folder plus `sync`;
+- the conversion with 1 and 2 writer processes (each in a fresh process; the writer fsyncs);
+- each conversion's peak RSS (largest process) against the largest layer.
+
+    python benchmarks/torch_dist_convert.py --gb 2.5 --dir /tmp/tdbench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def glm_shape(gb: float) -> dict:
+    """A GLM-4.7-like config (narrower) with enough MoE layers for about `gb` GB of bf16."""
+    h, experts, moe_ffn, vocab = 2048, 64, 768, 32768
+    moe_layer = 2 * (experts * 3 * moe_ffn * h + 3 * moe_ffn * h + 4 * h * h)
+    fixed = 2 * (2 * vocab * h + 3 * 6144 * h + 4 * h * h)
+    layers = max(2, round((gb * 1e9 - fixed) / moe_layer))  # MoE layers: layers - 1, plus the MTP layer
+    return {
+        "model_type": "glm4_moe", "hidden_size": h, "num_hidden_layers": layers, "num_attention_heads": 16,
+        "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 6144, "moe_intermediate_size": moe_ffn,
+        "n_routed_experts": experts, "n_shared_experts": 1, "num_experts_per_tok": 8, "first_k_dense_replace": 1,
+        "vocab_size": vocab, "attention_bias": True, "use_qk_norm": True, "tie_word_embeddings": False,
+        "num_nextn_predict_layers": 1, "rms_norm_eps": 1e-5, "routed_scaling_factor": 2.5,
+    }
+
+
+def synthetic_checkpoint(out: Path, cfg: dict) -> dict[str, int]:
+    """Write shards (one per layer) with random values; returns bytes per HF layer."""
+    import torch
+    from safetensors.torch import save_file
+
+    from glmsnake.convert import megatron_names as names
+
+    arch = names.GlmArch.from_hf_config(cfg)
+    h, d = cfg["hidden_size"], cfg["head_dim"]
+    shapes = {
+        "self_attn.q_proj.weight": (cfg["num_attention_heads"] * d, h), "self_attn.k_proj.weight": (cfg["num_key_value_heads"] * d, h),
+        "self_attn.v_proj.weight": (cfg["num_key_value_heads"] * d, h), "self_attn.q_proj.bias": (cfg["num_attention_heads"] * d,),
+        "self_attn.k_proj.bias": (cfg["num_key_value_heads"] * d,), "self_attn.v_proj.bias": (cfg["num_key_value_heads"] * d,),
+        "self_attn.o_proj.weight": (h, cfg["num_attention_heads"] * d), "self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,),
+        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+        "mlp.gate_proj.weight": (cfg["intermediate_size"], h), "mlp.up_proj.weight": (cfg["intermediate_size"], h),
+        "mlp.down_proj.weight": (h, cfg["intermediate_size"]), "mlp.gate.weight": (cfg["n_routed_experts"], h),
+        "mlp.gate.e_score_correction_bias": (cfg["n_routed_experts"],), "eh_proj.weight": (h, 2 * h),
+        "enorm.weight": (h,), "hnorm.weight": (h,), "shared_head.norm.weight": (h,),
+        "embed_tokens.weight": (cfg["vocab_size"], h), "norm.weight": (h,), "lm_head.weight": (cfg["vocab_size"], h),
+    }
+    m = cfg["moe_intermediate_size"]
+
+    def shape(key: str) -> tuple:
+        tail = key.split(".", 3)[-1] if key.startswith("model.layers.") else key.removeprefix("model.")
+        if ".experts." in key or ".shared_experts." in key:
+            return (h, m) if key.endswith("down_proj.weight") else (m, h)
+        return shapes[tail]
+
+    out.mkdir(parents=True, exist_ok=True)
+    weight_map, per_layer = {}, {}
+    gen = torch.Generator().manual_seed(0)
+    for u in names.units(arch):
+        keys = u.hf_keys
+        tensors = {}
+        for k in keys:
+            dtype = torch.float32 if k.endswith("e_score_correction_bias") else torch.bfloat16
+            tensors[k] = (torch.rand(shape(k), generator=gen, dtype=torch.float32) - 0.5).to(dtype)
+        fname = f"model-{len(per_layer) + 1:05d}.safetensors"
+        save_file(tensors, out / fname, metadata={"format": "pt"})
+        per_layer[u.name] = sum(t.nbytes for t in tensors.values())
+        weight_map.update({k: fname for k in keys})
+        del tensors
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (out / "config.json").write_text(json.dumps(cfg))
+    return per_layer
+
+
+def timed(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds of a command, and the peak RSS (bytes) it reports on its last stdout line."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    lines = proc.stdout.strip().splitlines()
+    return wall, int(lines[-1]) if lines and lines[-1].isdigit() else -1
+
+
+def convert_main(hf: str, out: str, writers: int) -> None:
+    from glmsnake.convert import torch_dist
+
+    torch_dist.convert(Path(hf), Path(out), None, writers=writers)
+    subprocess.run(["sync"], check=True)
+    # Largest process: this one (1 writer) or a writer child (ru_maxrss is per process, in KiB).
+    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    print(peak * 1024)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--gb", type=float, default=2.5)
+    p.add_argument("--dir", default="/tmp/tdbench")
+    p.add_argument("--writers", default="1,2")
+    p.add_argument("--_convert", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--_make", nargs=2, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a._convert:
+        convert_main(a._convert[0], a._convert[1], int(a._convert[2]))
+        return
+    if a._make:
+        print(json.dumps(synthetic_checkpoint(Path(a._make[0]), glm_shape(float(a._make[1])))))
+        return
+    base = Path(a.dir)
+    shutil.rmtree(base, ignore_errors=True)
+    hf = base / "hf"
+    t0 = time.perf_counter()
+    # In a child: Linux keeps a process's peak RSS across fork+exec, so this process stays small
+    # and the conversions' peak RSS below is their own.
+    made = subprocess.run([sys.executable, __file__, "--_make", str(hf), str(a.gb)], check=True, capture_output=True, text=True)
+    per_layer = json.loads(made.stdout.strip().splitlines()[-1])
+    total = sum(per_layer.values())
+    largest = max(per_layer.values())
+    print(f"synthetic checkpoint: {total / 1e9:.2f} GB, {len(per_layer)} units, largest layer {largest / 1e9:.2f} GB "
+          f"(made in {time.perf_counter() - t0:.1f} s)", flush=True)
+    subprocess.run(["sync"], check=True)
+    results = {}
+    cp_s, _ = timed(["bash", "-c", f"cp -r {hf} {base / 'hf_copy'} && sync"])
+    shutil.rmtree(base / "hf_copy")
+    results["cp"] = cp_s
+    print(f"cp -r + sync: {cp_s:.2f} s ({total / cp_s / 1e9:.2f} GB/s)", flush=True)
+    for w in map(int, a.writers.split(",")):
+        out = base / f"td_w{w}"
+        wall, rss = timed([sys.executable, __file__, "--_convert", str(hf), str(out), str(w)])
+        results[f"w{w}"] = {"seconds": wall, "peak_rss": rss}
+        print(f"convert, {w} writer(s): {wall:.2f} s = {wall / cp_s:.2f} x cp; peak RSS {rss / 1e9:.2f} GB "
+              f"= {rss / largest:.2f} x largest layer", flush=True)
+        shutil.rmtree(out)
+    if "w1" in results and "w2" in results:
+        print(f"scaling 1 -> 2 writers: {results['w1']['seconds'] / results['w2']['seconds']:.2f}x speed-up")
+    print(json.dumps({"total_bytes": total, "largest_layer_bytes": largest, **results}))
+    shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
