@@ -31,7 +31,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from glmsnake.convert import fp8  # noqa: E402
+from glmsnake.convert import fp8
 
 HIDDEN, Q_OUT, MOE_FFN = 5120, 12288, 1536
 SHARD_BYTES = 512 << 20
@@ -58,7 +58,11 @@ def synthetic_shard(layer: int, gen: torch.Generator, budget: int) -> dict[str, 
     used = sum(x.numel() * x.element_size() for x in t.values())
     e = 0
     while used < budget:
-        for name, shape in (("gate_proj", (MOE_FFN, HIDDEN)), ("up_proj", (MOE_FFN, HIDDEN)), ("down_proj", (HIDDEN, MOE_FFN))):
+        for name, shape in (
+            ("gate_proj", (MOE_FFN, HIDDEN)),
+            ("up_proj", (MOE_FFN, HIDDEN)),
+            ("down_proj", (HIDDEN, MOE_FFN)),
+        ):
             t[f"{p}mlp.experts.{e}.{name}.weight"] = w(*shape)
         used += 3 * MOE_FFN * HIDDEN * 2
         e += 1
@@ -156,7 +160,8 @@ def child(impl: str, src: Path, dst: Path, workers: int, device: str, fsync: boo
     if impl == "baseline":
         baseline_convert(src, dst, workers, device)
     else:
-        result = fp8.convert(src, dst, workers=workers, device=device, fsync=fsync, log=open(os.devnull, "w"))
+        with open(os.devnull, "w") as quiet:
+            result = fp8.convert(src, dst, workers=workers, device=device, fsync=fsync, log=quiet)
         phases = result.phase_seconds
     if device == "cuda":
         torch.cuda.synchronize()
@@ -178,7 +183,7 @@ def run_child(impl: str, src: Path, dst: Path, args, workers: int | None = None)
     if args.fsync:
         cmd.append("--fsync")
     os.sync()  # flush earlier writes (the input, the last run's output) so no run pays for another's
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"{impl} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -202,11 +207,15 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/glmsnake-fp8-bench"))
-    ap.add_argument("--out-dir", type=Path, help="where outputs go (default: --workdir); /dev/shm keeps a slow disk out")
+    ap.add_argument(
+        "--out-dir", type=Path, help="where outputs go (default: --workdir); /dev/shm keeps a slow disk out"
+    )
     ap.add_argument("--fsync", action="store_true", help="let glmsnake fsync shards (the baseline never does)")
     ap.add_argument("--cross-check", action="store_true", help="also convert on the CPU and compare bytes")
     ap.add_argument("--keep", action="store_true", help="keep the outputs")
-    ap.add_argument("--sweep-workers", type=int, nargs="*", default=[], help="also time glmsnake at these worker counts")
+    ap.add_argument(
+        "--sweep-workers", type=int, nargs="*", default=[], help="also time glmsnake at these worker counts"
+    )
     ap.add_argument("--child", choices=["baseline", "glmsnake"], help=argparse.SUPPRESS)
     ap.add_argument("--src", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--dst", type=Path, help=argparse.SUPPRESS)
@@ -240,8 +249,10 @@ def main() -> None:
     for n in args.sweep_workers:
         r = run_child("glmsnake", src, args.out_dir / f"out-w{n}", args, workers=n)
         same = same_shards(args.out_dir / "out-baseline", args.out_dir / f"out-w{n}")
-        print(f"glmsnake with {n} workers: {r['seconds']:.2f} s, {gb / r['seconds']:.2f} GB/s "
-              f"({read_s / r['seconds']:.0%} of read), RSS {r['maxrss_kb'] / 1e6:.2f} GB, identical {same}")
+        print(
+            f"glmsnake with {n} workers: {r['seconds']:.2f} s, {gb / r['seconds']:.2f} GB/s "
+            f"({read_s / r['seconds']:.0%} of read), RSS {r['maxrss_kb'] / 1e6:.2f} GB, identical {same}"
+        )
     if args.cross_check and args.device == "cuda":
         cpu_args = argparse.Namespace(**{**vars(args), "device": "cpu"})
         c = run_child("glmsnake", src, args.out_dir / "out-cpu", cpu_args)

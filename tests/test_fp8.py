@@ -16,11 +16,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fp8_reference import dequant_error_ok, expand_scale, reference_quantize  # noqa: E402
+from fp8_reference import dequant_error_ok, expand_scale, reference_quantize
 
-from glmsnake import atomic, config, staleness  # noqa: E402
-from glmsnake.convert import fp8  # noqa: E402
-from glmsnake.convert.tiny import make_tiny  # noqa: E402
+from glmsnake import atomic, config, staleness
+from glmsnake.convert import fp8
+from glmsnake.convert.tiny import make_tiny
 
 FP8_DTYPE = torch.float8_e4m3fn
 
@@ -64,7 +64,7 @@ def snapshot(*dirs: Path) -> dict[str, tuple[int, str]]:
 
 def read_all(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(path, framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -293,7 +293,7 @@ def test_cli_channel_and_tensor_strategies(tmp_path, tiny_hf, strategy, capsys):
 
 def test_rerun_skips_verified_shards_and_redoes_damaged_ones(tmp_path, tiny_hf, tiny_fp8):
     save = tmp_path / "fp8"
-    kw = dict(block_size=(32, 32), workers=2, device="cpu", log=io.StringIO())
+    kw = {"block_size": (32, 32), "workers": 2, "device": "cpu", "log": io.StringIO()}
     first = fp8.convert(tiny_hf, save, **kw)
     # The state a run killed after two shards leaves: a hidden staging folder with those shards
     # and their .ok records, nothing at the final name.
@@ -302,7 +302,10 @@ def test_rerun_skips_verified_shards_and_redoes_damaged_ones(tmp_path, tiny_hf, 
     stage.mkdir()
     for name in shards[:2]:
         shutil.copy2(save / name, stage / name)
-        atomic.write_json(stage / f".{name}.ok.json", fp8._ok_record(_plan(tiny_hf, name), fp8.Scheme("block", (32, 32)), first.shards[name]))
+        atomic.write_json(
+            stage / f".{name}.ok.json",
+            fp8._ok_record(_plan(tiny_hf, name), fp8.Scheme("block", (32, 32)), first.shards[name]),
+        )
     (stage / f"{shards[2]}.incomplete").write_bytes(b"half a shard")
     shutil.rmtree(save)
     kept_mtime = (stage / shards[0]).stat().st_mtime_ns
@@ -394,7 +397,7 @@ def _truncate_a_shard(model: Path) -> None:
 
 
 def _remove_a_shard(model: Path) -> None:
-    sorted(model.glob("*.safetensors"))[0].unlink()
+    min(model.glob("*.safetensors")).unlink()
 
 
 BAD_INPUTS = {

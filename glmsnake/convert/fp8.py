@@ -14,6 +14,7 @@ and skips it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -25,12 +26,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 import torch
 
 from glmsnake import atomic
-from glmsnake.convert.fp8_math import FP8, ChunkQuantizer, Scheme, check_finite, scale_from_amax
+from glmsnake.convert.fp8_math import (
+    FP8,
+    ChunkQuantizer,
+    Scheme,
+    check_finite,
+    scale_from_amax,
+)
 from glmsnake.convert.fp8_safetensors import (
     DTYPES,
     ITEMSIZE,
@@ -197,7 +204,7 @@ def check_destination(save_dir: Path, model_dir: Path) -> None:
     if source != str(model_dir):
         raise GlmsnakeError(
             f"{save_dir} already holds files that are not an FP8 conversion of {model_dir} "
-            f"({len(contents)} entries, e.g. {sorted(p.name for p in contents)[0]})",
+            f"({len(contents)} entries, e.g. {min(p.name for p in contents)})",
             "choose an empty or new --save-dir, or remove that folder yourself if it is disposable",
         )
 
@@ -208,7 +215,7 @@ def check_destination(save_dir: Path, model_dir: Path) -> None:
 class _Workspace(threading.local):
     """Per-thread buffers, grown on demand and reused for every chunk the thread converts."""
 
-    def get(self, scheme: Scheme, device: torch.device) -> "_Buffers":
+    def get(self, scheme: Scheme, device: torch.device) -> _Buffers:
         bufs = getattr(self, "bufs", None)
         if bufs is None or bufs.scheme != scheme or bufs.device != device:
             bufs = self.bufs = _Buffers(scheme, device)
@@ -221,7 +228,7 @@ class _Buffers:
     device: torch.device
     quantizer: ChunkQuantizer = field(init=False)
     stream: object = field(init=False, default=None)
-    times: "PhaseTimes" = field(init=False, default=None)
+    times: PhaseTimes = field(init=False, default=None)
     mark: float = field(init=False, default=0.0)
     _host: dict = field(init=False, default_factory=dict)
     _dev: dict = field(init=False, default_factory=dict)
@@ -324,7 +331,7 @@ def convert_shard(
     bufs.times = times or PhaseTimes()
     src_fd = os.open(plan.src.path, os.O_RDONLY)
     dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    ctx = torch.cuda.stream(bufs.stream) if bufs.stream is not None else _nullcontext()
+    ctx = torch.cuda.stream(bufs.stream) if bufs.stream is not None else contextlib.nullcontext()
     try:
         os.ftruncate(dst_fd, plan.out_size)
         write_at(dst_fd, plan.header, 0)
@@ -342,14 +349,6 @@ def convert_shard(
     finally:
         os.close(src_fd)
         os.close(dst_fd)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---------------------------------------------------------------- progress
@@ -481,9 +480,14 @@ def _verified(stage: Path, plan: ShardPlan, scheme: Scheme) -> str | None:
     return record["sha256"] if sha256_file(out) == record["sha256"] else None
 
 
-def _convert_and_record(plan: ShardPlan, stage: Path, scheme: Scheme, device, progress, fsync: bool, times) -> str:
+def _convert_then_hash(plan: ShardPlan, stage: Path, scheme: Scheme, device, progress, fsync: bool, times, hashers):
+    """Convert a shard, then hand hashing to the hash pool so this worker starts its next shard."""
     tmp = stage / f"{plan.name}{INCOMPLETE_SUFFIX}"
     convert_shard(plan, tmp, scheme, device, progress.add_bytes, times)
+    return hashers.submit(_hash_and_record, plan, tmp, stage, scheme, progress, fsync, times)
+
+
+def _hash_and_record(plan: ShardPlan, tmp: Path, stage: Path, scheme: Scheme, progress, fsync: bool, times) -> str:
     t = time.perf_counter()
     if fsync:
         with open(tmp, "rb+") as f:
@@ -546,12 +550,19 @@ def convert(
     if dev.type == "cpu":
         torch.set_num_threads(_cpu_threads(int(workers)))
     try:
-        with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="fp8") as pool:
-            futures = {
-                p.name: pool.submit(_convert_and_record, p, stage, scheme, dev, progress, fsync, times) for p in todo
-            }
-            for name, fut in futures.items():
-                digests[name] = fut.result()
+        with (
+            ThreadPoolExecutor(n_workers, thread_name_prefix="fp8") as pool,
+            ThreadPoolExecutor(n_workers, thread_name_prefix="fp8-hash") as hashers,
+        ):
+            args = (stage, scheme, dev, progress, fsync, times, hashers)
+            futures = {p.name: pool.submit(_convert_then_hash, p, *args) for p in todo}
+            try:
+                for name, fut in futures.items():
+                    digests[name] = fut.result().result()
+            except BaseException:
+                for fut in futures.values():  # stop soon: shards already running finish (and stay reusable)
+                    fut.cancel()
+                raise
     finally:
         torch.set_num_threads(threads)
         progress.close()
@@ -589,8 +600,7 @@ def _write_metadata(stage: Path, source: Source, plans, scheme: Scheme, skip: li
 def _is_ours_to_write(name: str, source: Source) -> bool:
     # Shards, index and config are written by us; glmsnake records and hidden files are not the model's.
     return (
-        name.endswith(".safetensors") or name in (INDEX_NAME, "config.json")
-        or name.startswith("glmsnake.") or name.startswith(".")
+        name.endswith(".safetensors") or name in (INDEX_NAME, "config.json") or name.startswith(("glmsnake.", "."))
     )  # fmt: skip
 
 
