@@ -98,8 +98,8 @@ class TrainWorker:
         torch.set_rng_state(st["rng"]["torch"])
         random.setstate(st["rng"]["python"])
         self.rollout_id, self.steps = st["rollout_id"], st["steps"]
-        if st["rollout_id"] != iteration:
-            raise RuntimeError(f"checkpoint iter {iteration} says rollout_id {st['rollout_id']}")
+        if st["rollout_id"] != iteration + 1:
+            raise RuntimeError(f"checkpoint iter {iteration} says next rollout {st['rollout_id']}")
 
     def start_rollout(self) -> int:
         return self.rollout_id

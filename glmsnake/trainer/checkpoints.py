@@ -7,8 +7,9 @@ built in `<root>/.stage_iter_XXXXXXX/`, renamed into place when complete, and on
 `latest_checkpointed_iteration.txt` replaced. Checkpoints are never deleted; a stage left by
 a killed attempt is the only thing removed (it was never complete).
 
-Iteration = number of rollouts completed: resuming from `iter_0000008` continues with
-rollout id 8.
+Iteration = the id of the last rollout trained, slime's convention (`save_model(rollout_id)`;
+on load `start_rollout_id = iteration + 1`): resuming from `iter_0000007` continues with
+rollout id 8, for both backends.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Submitted through Ray's Jobs SDK by the launcher (RAY_ADDRESS is set: it joins that
 cluster), or run directly, when it starts a private single-node Ray on a loopback
-address (tests, benchmark). Exit code 0 only when training reached num_rollout; the
+address (tests, benchmark). Exit code 0 only when the checkpoint of the last rollout
+(iteration num_rollout - 1) exists; the
 summary is printed as the last line, prefixed `GLMSNAKE_SUMMARY `.
 """
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
     print(SUMMARY_PREFIX + json.dumps(summary, sort_keys=True), flush=True)
-    return 0 if summary.get("final_iteration") == settings.num_rollout else 1
+    return 0 if summary.get("final_iteration") == settings.num_rollout - 1 else 1
 
 
 if __name__ == "__main__":

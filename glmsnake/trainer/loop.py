@@ -5,8 +5,9 @@ Per rollout id r (from the latest checkpoint's iteration to num_rollout - 1):
      prompts with the weights of version r and scores them;
   2. the training actor turns them into advantages and optimizer steps;
   3. the new weights go to the rollout actor (version r + 1);
-  4. the metrics line is appended; eval runs every eval_interval rollouts;
-  5. every save_interval rollouts (and at the end) the training actor writes iter_{r+1}.
+  4. the metrics line is appended; eval runs before rollout 0 and every eval_interval rollouts;
+  5. every save_interval rollouts (and after the last one) the training actor writes iter_{r}
+     (slime's numbering: the checkpoint of rollout r is iteration r; a resume starts at r + 1).
 The order of 4 and 5 is what makes resume exact: a checkpoint at N implies the metrics
 of every rollout before N are on disk.
 """
@@ -56,13 +57,13 @@ class Loop:
         Path(s.run_dir).mkdir(parents=True, exist_ok=True)
         ckroot = Path(s.checkpoint_dir)
         resume = checkpoints.latest(ckroot)
-        start = resume or 0
+        start = 0 if resume is None else resume + 1
         kept = metrics.truncate_to(s.metrics_path, start)
         self.log(f"[trainer] run {s.run}: checkpoints {checkpoints.iterations(ckroot)}; "
                  f"{'resuming from iter ' + str(resume) if resume is not None else 'starting from the torch_dist weights'}")
         if start >= s.num_rollout:
             metrics.plot(kept, s.plot_path, s.run)
-            return {"start": start, "final_iteration": start, **metrics.summary(kept)}
+            return {"start": start, "final_iteration": resume, **metrics.summary(kept)}
         t_opts, r_opts = actor_options(ray)
         trainer = ray.remote(TrainWorker).options(**t_opts).remote(s, resume)
         rollout = ray.remote(RolloutWorker).options(**r_opts).remote(s)
@@ -73,15 +74,15 @@ class Loop:
         rows = read_jsonl(Path(s.prompt_data), s.input_key, s.label_key)
         evals = {n: read_jsonl(Path(p), s.input_key, s.label_key) for n, p in s.eval_data.items()}
         if evals and s.eval_interval and start % s.eval_interval == 0 \
-                and not any(r.get("kind") == "eval" and r["rollout_id"] == start for r in kept):
+                and not any(r.get("kind") == "eval" and r["trained_rollouts"] == start for r in kept):
             self.evaluate(rollout, evals, start)
         for r in range(start, s.num_rollout):
             self.one_rollout(trainer, rollout, rows, r)
             if evals and s.eval_interval and (r + 1) % s.eval_interval == 0:
                 self.evaluate(rollout, evals, r + 1)
             if (r + 1) % s.save_interval == 0 or r + 1 == s.num_rollout:
-                info = ray.get(trainer.save.remote(r + 1))
-                self.log(f"[trainer] saved iter {r + 1}: {info}")
+                info = ray.get(trainer.save.remote(r))
+                self.log(f"[trainer] saved iter {r}: {info}")
                 metrics.plot(metrics.read(s.metrics_path), s.plot_path, s.run)
         records = metrics.read(s.metrics_path)
         return {"start": start, "final_iteration": checkpoints.latest(ckroot), **metrics.summary(records)}
@@ -140,7 +141,7 @@ class Loop:
         import ray
 
         s = self.s
-        rec: dict[str, Any] = {"kind": "eval", "rollout_id": step, "time": time.time()}
+        rec: dict[str, Any] = {"kind": "eval", "trained_rollouts": step, "time": time.time()}
         for i, (name, rows) in enumerate(sorted(evals.items())):
             samples, info = ray.get(rollout.generate.remote(
                 rows, s.n_samples_per_eval_prompt, s.eval_max_response_len or s.rollout_max_response_len,

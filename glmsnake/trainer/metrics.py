@@ -2,9 +2,9 @@
 
 One line per rollout (`"kind": "rollout"`, `rollout_id`, `reward_mean`, `reward_std`,
 `response_len_mean`, `loss`, `pg_loss`, `ppo_kl`, `kl_ref`, timings, `samples_per_s`...)
-and one per evaluation (`"kind": "eval"`, `rollout_id` = rollouts trained before it,
+and one per evaluation (`"kind": "eval"`, `trained_rollouts` = rollouts trained before it,
 `eval/<name>/reward_mean`). A line is flushed and fsynced before the checkpoint that
-covers it is written, so on resume from iteration N the file holds every rollout < N;
+covers it is written, so on resume at rollout N (from iteration N - 1) the file holds every rollout < N;
 lines of later rollouts (redone after the resume) are dropped first, so the curve
 continues instead of restarting or doubling.
 """
@@ -39,7 +39,7 @@ def truncate_to(path: Path, start_rollout: int) -> list[dict[str, Any]]:
     """Keep what a resume from `start_rollout` stands on; returns the kept records."""
     kept = [r for r in read(path)
             if (r.get("kind") == "rollout" and r["rollout_id"] < start_rollout)
-            or (r.get("kind") == "eval" and r["rollout_id"] <= start_rollout)]
+            or (r.get("kind") == "eval" and r["trained_rollouts"] <= start_rollout)]
     if start_rollout == 0:
         kept = []
     write_bytes(Path(path), "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
@@ -89,7 +89,7 @@ def plot(records: list[dict[str, Any]], png: Path, title: str = "") -> Path:
     ax1.plot(x, m, label="rollout reward (mean)")
     ax1.fill_between(x, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], alpha=0.2, label="± std")
     for key in sorted({k for r in ev for k in r if k.startswith("eval/") and k.endswith("/reward_mean")}):
-        pts = [(r["rollout_id"], r[key]) for r in ev if key in r]
+        pts = [(r["trained_rollouts"], r[key]) for r in ev if key in r]
         ax1.plot([p[0] for p in pts], [p[1] for p in pts], "o--", label=key)
     ax1.set_ylabel("reward")
     ax1.legend(loc="best", fontsize=8)
