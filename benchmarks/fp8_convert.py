@@ -213,6 +213,7 @@ def main() -> None:
     ap.add_argument("--fsync", action="store_true", help="let glmsnake fsync shards (the baseline never does)")
     ap.add_argument("--cross-check", action="store_true", help="also convert on the CPU and compare bytes")
     ap.add_argument("--keep", action="store_true", help="keep the outputs")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each (alternating); the best time of each counts")
     ap.add_argument(
         "--sweep-workers", type=int, nargs="*", default=[], help="also time glmsnake at these worker counts"
     )
@@ -231,11 +232,17 @@ def main() -> None:
     read_s, nbytes = read_bandwidth(src)
     gb = nbytes / 1e9
     results = {}
-    for impl in ("baseline", "glmsnake"):
-        results[impl] = run_child(impl, src, args.out_dir / f"out-{impl}", args)
+    for _ in range(args.repeat):  # alternate, and keep each one's best: other tenants' load comes and goes
+        for impl in ("baseline", "glmsnake"):
+            r = run_child(impl, src, args.out_dir / f"out-{impl}", args)
+            if impl not in results or r["seconds"] < results[impl]["seconds"]:
+                results[impl] = r
     identical = same_shards(args.out_dir / "out-baseline", args.out_dir / "out-glmsnake")
 
-    print(f"\n{gb:.2f} GB of bf16 shards, device {args.device}, {args.workers} workers, {os.cpu_count()} cores")
+    print(
+        f"\n{gb:.2f} GB of bf16 shards, device {args.device}, {args.workers} workers, {os.cpu_count()} cores, "
+        f"best of {args.repeat}, outputs in {args.out_dir}"
+    )
     print(f"{'':<22}{'seconds':>9}{'GB/s in':>10}{'peak RSS':>12}")
     print(f"{'plain file read':<22}{read_s:>9.2f}{gb / read_s:>10.2f}{'':>12}")
     for impl, r in results.items():
