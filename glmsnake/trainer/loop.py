@@ -117,6 +117,7 @@ class Loop:
             "reward_mean": _mean(rewards),
             "reward_std": statistics.pstdev(rewards) if n > 1 else 0.0,
             "reward_max": max(rewards),
+            "reward_exact_ratio": _mean([float(x >= 1.0) for x in rewards]),  # accuracy for 0/1 rewards
             "response_len_mean": _mean(lens),
             "truncated_ratio": _mean([float(x.truncated) for x in samples]),
             "n_samples": n,
