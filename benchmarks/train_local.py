@@ -1,0 +1,125 @@
+"""Throughput of the local backend trainer on the tiny preset: rollout vs train, and the weight sync.
+
+    python benchmarks/train_local.py [--rollouts 16] [--batch 8] [--n 4] [--max-len 4] [--base DIR] [--json OUT]
+
+Prepares the tiny inputs (HF checkpoint, datasets, torch_dist conversion) in a temporary folder
+unless --base points at a workflow base that has them, starts a private Ray on a loopback
+address, runs the trainer loop (no eval, no checkpoints besides the last) and reports, over
+the rollouts after the first (warm-up):
+- rollout samples/s (generation + reward), train samples/s (log-probs + optimizer steps),
+  end-to-end samples/s;
+- the weight sync per step (trainer -> Ray object store -> rollout engine), in ms and as a
+  share of the step; and, measured separately `--syncs` times, its split into the trainer's
+  state_dict copy + transfer and the rollout engine's load_state_dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def prepare(base: Path) -> None:
+    from glmsnake import config, hub
+    from glmsnake.convert import torch_dist
+
+    wf = config.load({"base_dir": str(base)})
+    if not (wf.torch_dist_dir / "latest_checkpointed_iteration.txt").is_file():
+        hub.step_download_hf(wf, wf.hf_dir / "glmsnake.manifest.json")
+        for n in wf.preset.datasets:
+            hub.step_download_dataset(wf, wf.dataset_path(n), n)
+        torch_dist.convert(wf.hf_dir, wf.torch_dist_dir, wf.preset.model)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rollouts", type=int, default=16)
+    p.add_argument("--batch", type=int, default=8, help="rollout_batch_size (prompts per rollout)")
+    p.add_argument("--n", type=int, default=4, help="n_samples_per_prompt")
+    p.add_argument("--max-len", type=int, default=4, help="rollout_max_response_len")
+    p.add_argument("--micro-batch", type=int, default=32)
+    p.add_argument("--syncs", type=int, default=10)
+    p.add_argument("--base", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+
+    import ray
+
+    from glmsnake import config
+    from glmsnake.trainer.actor import TrainWorker
+    from glmsnake.trainer.driver import init_ray
+    from glmsnake.trainer.loop import Loop, actor_options
+    from glmsnake.trainer.rollout import RolloutWorker
+    from glmsnake.trainer.settings import from_workflow
+
+    base = args.base or Path(tempfile.mkdtemp(prefix="gs_bench_"))
+    t0 = time.perf_counter()
+    prepare(base)
+    prep_s = time.perf_counter() - t0
+    wf = config.load({"base_dir": str(base), "runs": {"bench": {
+        "rollout": {"num_rollout": args.rollouts, "rollout_batch_size": args.batch, "n_samples_per_prompt": args.n,
+                    "rollout_max_response_len": args.max_len},
+        "perf": {"micro_batch_size": args.micro_batch},
+        "optimizer": {"lr": 1e-2}, "train": {"save_interval": 10**6}}}})
+    s = from_workflow(wf, "bench").replace(eval_interval=None)
+    import shutil
+
+    shutil.rmtree(s.run_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    init_ray(None, num_cpus=2)
+    ray_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    loop = Loop(s, log=lambda m: None)
+    loop.run()
+    run_s = time.perf_counter() - t0
+    from glmsnake.trainer import metrics
+
+    ro = metrics.rollouts(metrics.read(s.metrics_path))[1:]
+    med = lambda k: statistics.median(r[k] for r in ro)  # noqa: E731
+    step_s = [r["rollout_seconds"] + r["train_seconds"] + r["sync_seconds"] for r in ro]
+
+    # The sync alone, repeated: state_dict copy + object store + load_state_dict.
+    t_opts, r_opts = actor_options(ray)
+    trainer = ray.remote(TrainWorker).options(**t_opts).remote(s, None)
+    rollout = ray.remote(RolloutWorker).options(**r_opts).remote(s)
+    ray.get([trainer.start_rollout.remote(), rollout.update_weights.remote({}, 0)])
+    total, load = [], []
+    for i in range(args.syncs):
+        t0 = time.perf_counter()
+        load.append(ray.get(rollout.update_weights.remote(trainer.weights.remote(), i)))
+        total.append(time.perf_counter() - t0)
+    nbytes = sum(v.numel() * v.element_size() for v in ray.get(trainer.weights.remote()).values())
+    ray.shutdown()
+
+    out = {
+        "device": "cuda" if __import__("torch").cuda.is_available() else "cpu",
+        "samples_per_rollout": args.batch * args.n,
+        "max_response_len": args.max_len,
+        "rollouts_measured": len(ro),
+        "rollout_samples_per_s": med("rollout_samples_per_s"),
+        "train_samples_per_s": med("train_samples_per_s"),
+        "samples_per_s": med("samples_per_s"),
+        "rollout_tokens_per_s": med("tokens_per_s"),
+        "sync_ms_per_step": 1e3 * med("sync_seconds"),
+        "sync_share_of_step": statistics.median(r["sync_seconds"] / t for r, t in zip(ro, step_s)),
+        "sync_isolated_ms": 1e3 * statistics.median(total),
+        "sync_load_state_dict_ms": 1e3 * statistics.median(load),
+        "weights_mb": nbytes / 2**20,
+        "prepare_s": prep_s, "ray_init_s": ray_s, "loop_s_incl_actor_start": run_s,
+    }
+    print(json.dumps(out, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
