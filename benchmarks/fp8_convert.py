@@ -156,7 +156,7 @@ def child(impl: str, src: Path, dst: Path, workers: int, device: str, fsync: boo
         torch.ones(1, device="cuda").sum().item()
     # One torch thread per worker when the workers fill the cores, for both implementations.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-    t0, phases = time.perf_counter(), {}
+    t0, cpu0, phases = time.perf_counter(), os.times(), {}
     if impl == "baseline":
         baseline_convert(src, dst, workers, device)
     else:
@@ -165,8 +165,9 @@ def child(impl: str, src: Path, dst: Path, workers: int, device: str, fsync: boo
         phases = result.phase_seconds
     if device == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "maxrss_kb": peak_rss_kb(), "phases": phases}))
+    seconds, cpu1 = time.perf_counter() - t0, os.times()
+    cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)  # all threads; on a shared machine, the fair unit
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "maxrss_kb": peak_rss_kb(), "phases": phases}))
 
 
 def peak_rss_kb() -> int:
@@ -243,12 +244,14 @@ def main() -> None:
         f"\n{gb:.2f} GB of bf16 shards, device {args.device}, {args.workers} workers, {os.cpu_count()} cores, "
         f"best of {args.repeat}, outputs in {args.out_dir}"
     )
-    print(f"{'':<22}{'seconds':>9}{'GB/s in':>10}{'peak RSS':>12}")
-    print(f"{'plain file read':<22}{read_s:>9.2f}{gb / read_s:>10.2f}{'':>12}")
+    print(f"{'':<22}{'seconds':>9}{'GB/s in':>10}{'CPU s':>8}{'peak RSS':>12}")
+    print(f"{'plain file read':<22}{read_s:>9.2f}{gb / read_s:>10.2f}")
     for impl, r in results.items():
-        print(f"{impl:<22}{r['seconds']:>9.2f}{gb / r['seconds']:>10.2f}{r['maxrss_kb'] / 1e6:>10.2f} GB")
+        row = f"{r['seconds']:>9.2f}{gb / r['seconds']:>10.2f}{r['cpu_seconds']:>8.2f}{r['maxrss_kb'] / 1e6:>9.2f} GB"
+        print(f"{impl:<22}{row}")
     b, g = results["baseline"], results["glmsnake"]
     print(f"\nthroughput ratio glmsnake/baseline: {b['seconds'] / g['seconds']:.2f}x")
+    print(f"CPU time ratio baseline/glmsnake:   {b['cpu_seconds'] / g['cpu_seconds']:.2f}x")
     print(f"peak RSS ratio glmsnake/baseline:   {g['maxrss_kb'] / b['maxrss_kb']:.3f}")
     print(f"glmsnake / plain read bandwidth:    {read_s / g['seconds']:.0%}")
     print(f"output shards byte-identical:       {identical}")

@@ -323,32 +323,88 @@ def _quantize_tensor(bufs, src_fd, src: Header, info: TensorInfo, dst_fd, plan: 
     write_at(dst_fd, scales, out_start + s_out.begin)
 
 
-def convert_shard(
-    plan: ShardPlan, dst: Path, scheme: Scheme, device: torch.device, report=lambda n: None, times=None
-) -> None:
-    """Write the converted shard to `dst`, tensor by tensor, never holding a whole tensor."""
+TASK_BYTES = 64 << 20  # one pool task: consecutive tensors of a shard, about this much input
+
+
+class ShardJob:
+    """One output shard written by several tasks at once (pwrite at planned offsets).
+
+    The first task opens the files and writes the header; the last one to finish closes them.
+    Tasks are queued shard by shard, so only about `workers` shards are open at a time.
+    """
+
+    def __init__(self, plan: ShardPlan, dst: Path):
+        self.plan, self.dst = plan, dst
+        self.tasks = _task_groups(plan)
+        self._left = len(self.tasks)
+        self._fds: tuple[int, int] | None = None
+        self._lock = threading.Lock()
+
+    def fds(self) -> tuple[int, int]:
+        with self._lock:
+            if self._fds is None:
+                src = os.open(self.plan.src.path, os.O_RDONLY)
+                dst = os.open(self.dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds = (src, dst)
+                os.ftruncate(dst, self.plan.out_size)
+                write_at(dst, self.plan.header, 0)
+            return self._fds
+
+    def task_done(self) -> bool:
+        """Count a finished task; True for the last, which closes the files."""
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self.close()
+        return last
+
+    def close(self) -> None:
+        with self._lock:
+            fds, self._fds = self._fds, None
+        for fd in fds or ():
+            os.close(fd)
+
+
+def _task_groups(plan: ShardPlan) -> list[list[TensorInfo]]:
+    groups, group, size = [], [], 0
+    for info in sorted(plan.src.tensors.values(), key=lambda t: t.begin):  # read each file front to back
+        group.append(info)
+        size += info.nbytes
+        if size >= TASK_BYTES:
+            groups.append(group)
+            group, size = [], 0
+    return [*groups, group] if group or not groups else groups
+
+
+def convert_tensors(job: ShardJob, infos: list[TensorInfo], scheme: Scheme, device: torch.device, report, times):
+    """Convert some tensors of a shard into its output file, chunk by chunk."""
     bufs = _workspace.get(scheme, device)
-    bufs.times = times or PhaseTimes()
-    src_fd = os.open(plan.src.path, os.O_RDONLY)
-    dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    bufs.times = times
+    src_fd, dst_fd = job.fds()
+    plan = job.plan
     ctx = torch.cuda.stream(bufs.stream) if bufs.stream is not None else contextlib.nullcontext()
+    with ctx, torch.inference_mode():
+        for info in infos:
+            if plan.out[info.name].dtype == "F8_E4M3":
+                _quantize_tensor(bufs, src_fd, plan.src, info, dst_fd, plan, report)
+            else:
+                t = time.perf_counter()
+                src_off, dst_off = plan.src.data_start + info.begin, len(plan.header) + plan.out[info.name].begin
+                copy_range(src_fd, src_off, dst_fd, dst_off, info.nbytes, lambda: bufs.host("copy", 8 << 20))
+                bufs.times.add("copy", t)
+                report(info.nbytes)
+
+
+def convert_shard(plan: ShardPlan, dst: Path, scheme: Scheme, device: torch.device, report=lambda n: None, times=None):
+    """Convert one whole shard to `dst` in this thread (the pool splits shards into tasks instead)."""
+    job = ShardJob(plan, dst)
     try:
-        os.ftruncate(dst_fd, plan.out_size)
-        write_at(dst_fd, plan.header, 0)
-        with ctx, torch.inference_mode():
-            for info in sorted(plan.src.tensors.values(), key=lambda t: t.begin):  # read sequentially
-                if info.name in plan.out and plan.out[info.name].dtype == "F8_E4M3":
-                    _quantize_tensor(bufs, src_fd, plan.src, info, dst_fd, plan, report)
-                else:
-                    out = plan.out[info.name]
-                    t = time.perf_counter()
-                    copy_range(src_fd, plan.src.data_start + info.begin, dst_fd, len(plan.header) + out.begin,
-                               info.nbytes, lambda: bufs.host("copy", 8 << 20))  # fmt: skip
-                    bufs.times.add("copy", t)
-                    report(info.nbytes)
+        for infos in job.tasks:
+            convert_tensors(job, infos, scheme, device, report, times or PhaseTimes())
+            job.task_done()
     finally:
-        os.close(src_fd)
-        os.close(dst_fd)
+        job.close()
 
 
 # ---------------------------------------------------------------- progress
@@ -480,11 +536,12 @@ def _verified(stage: Path, plan: ShardPlan, scheme: Scheme) -> str | None:
     return record["sha256"] if sha256_file(out) == record["sha256"] else None
 
 
-def _convert_then_hash(plan: ShardPlan, stage: Path, scheme: Scheme, device, progress, fsync: bool, times, hashers):
-    """Convert a shard, then hand hashing to the hash pool so this worker starts its next shard."""
-    tmp = stage / f"{plan.name}{INCOMPLETE_SUFFIX}"
-    convert_shard(plan, tmp, scheme, device, progress.add_bytes, times)
-    return hashers.submit(_hash_and_record, plan, tmp, stage, scheme, progress, fsync, times)
+def _run_task(job: ShardJob, infos, stage: Path, scheme: Scheme, device, progress, fsync: bool, times, hashers):
+    """One task; the shard's last task hands the finished file to the hash pool and returns that future."""
+    convert_tensors(job, infos, scheme, device, progress.add_bytes, times)
+    if job.task_done():
+        return hashers.submit(_hash_and_record, job.plan, job.dst, stage, scheme, progress, fsync, times)
+    return None
 
 
 def _hash_and_record(plan: ShardPlan, tmp: Path, stage: Path, scheme: Scheme, progress, fsync: bool, times) -> str:
@@ -498,16 +555,7 @@ def _hash_and_record(plan: ShardPlan, tmp: Path, stage: Path, scheme: Scheme, pr
     os.replace(tmp, stage / plan.name)
     atomic.write_json(stage / f".{plan.name}{OK_SUFFIX}", _ok_record(plan, scheme, digest))
     progress.shard_done()
-    return digest
-
-
-def _cpu_threads(workers: int) -> int:
-    """Torch threads per worker on a CPU: the cores shared among the requested workers.
-
-    Workers, not torch's OpenMP threads, are the parallelism: on a shared, busy machine
-    OpenMP's spinning barriers made 2 threads 10x slower than 1 here.
-    """
-    return max(1, (os.cpu_count() or 1) // workers)
+    return plan.name, digest
 
 
 def convert(
@@ -545,25 +593,28 @@ def convert(
         else:
             todo.append(plan)
     todo.sort(key=lambda p: -p.in_bytes)  # largest first balances the pool
-    n_workers = max(1, min(int(workers), len(todo)))
+    jobs = [ShardJob(p, stage / f"{p.name}{INCOMPLETE_SUFFIX}") for p in todo]
     threads = torch.get_num_threads()
-    if dev.type == "cpu":
-        torch.set_num_threads(_cpu_threads(int(workers)))
+    # Workers are the parallelism, one torch thread each: OpenMP's spinning barriers made
+    # 2 threads per worker 10x slower than 1 on this project's shared 2-core machine.
+    torch.set_num_threads(1)
     try:
         with (
-            ThreadPoolExecutor(n_workers, thread_name_prefix="fp8") as pool,
-            ThreadPoolExecutor(n_workers, thread_name_prefix="fp8-hash") as hashers,
+            ThreadPoolExecutor(int(workers), thread_name_prefix="fp8") as pool,
+            ThreadPoolExecutor(int(workers), thread_name_prefix="fp8-hash") as hashers,
         ):
             args = (stage, scheme, dev, progress, fsync, times, hashers)
-            futures = {p.name: pool.submit(_convert_then_hash, p, *args) for p in todo}
+            tasks = [pool.submit(_run_task, job, infos, *args) for job in jobs for infos in job.tasks]
             try:
-                for name, fut in futures.items():
-                    digests[name] = fut.result().result()
+                hashes = [h for t in tasks if (h := t.result()) is not None]
+                digests.update(h.result() for h in hashes)
             except BaseException:
-                for fut in futures.values():  # stop soon: shards already running finish (and stay reusable)
-                    fut.cancel()
+                for t in tasks:  # stop soon: running tasks finish, queued ones are dropped
+                    t.cancel()
                 raise
     finally:
+        for job in jobs:
+            job.close()
         torch.set_num_threads(threads)
         progress.close()
 
