@@ -49,7 +49,11 @@ def main() -> int:
     p.add_argument("--syncs", type=int, default=10)
     p.add_argument("--base", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--no-ray", action="store_true",
+                   help="workers as plain objects in this process (where Ray is not installed, e.g. the H200 image)")
     args = p.parse_args()
+    if args.no_ray:
+        return in_process(args)
 
     import ray
 
@@ -114,6 +118,66 @@ def main() -> int:
         "sync_load_state_dict_ms": 1e3 * statistics.median(load),
         "weights_mb": nbytes / 2**20,
         "prepare_s": prep_s, "ray_init_s": ray_s, "loop_s_incl_actor_start": run_s,
+    }
+    print(json.dumps(out, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+def in_process(args) -> int:
+    """The same loop body without Ray: the weight sync is the state_dict copy and load alone."""
+    import shutil
+
+    import torch
+
+    from glmsnake import config
+    from glmsnake.trainer.actor import TrainWorker
+    from glmsnake.trainer.data import read_jsonl, rollout_batch
+    from glmsnake.trainer.rollout import RolloutWorker, sampling_seed
+    from glmsnake.trainer.settings import from_workflow
+
+    base = args.base or Path(tempfile.mkdtemp(prefix="gs_bench_"))
+    prepare(base)
+    wf = config.load({"base_dir": str(base), "runs": {"bench": {
+        "rollout": {"num_rollout": args.rollouts, "rollout_batch_size": args.batch, "n_samples_per_prompt": args.n,
+                    "rollout_max_response_len": args.max_len},
+        "perf": {"micro_batch_size": args.micro_batch}, "optimizer": {"lr": 1e-2}}}})
+    s = from_workflow(wf, "bench").replace(eval_interval=None)
+    shutil.rmtree(s.run_dir, ignore_errors=True)
+    threads = max(1, (torch.get_num_threads()))
+    trainer, rollout = TrainWorker(s, None, threads=threads), RolloutWorker(s, threads=threads)
+    cuda = trainer.device.type == "cuda"
+    sync_dev = lambda: torch.cuda.synchronize() if cuda else None  # noqa: E731
+    rollout.update_weights(trainer.weights(), 0)
+    rows = read_jsonl(Path(s.prompt_data), s.input_key, s.label_key)
+    rec = []
+    for r in range(s.num_rollout):
+        batch = rollout_batch(rows, r, s.rollout_batch_size, False, s.rollout_seed)
+        t0 = time.perf_counter()
+        samples, _ = rollout.generate(batch, s.n_samples_per_prompt, s.rollout_max_response_len,
+                                      s.rollout_temperature, sampling_seed(s.rollout_seed, r))
+        sync_dev()
+        t1 = time.perf_counter()
+        trainer.train(r, samples)
+        sync_dev()
+        t2 = time.perf_counter()
+        rollout.update_weights(trainer.weights(), r + 1)
+        sync_dev()
+        t3 = time.perf_counter()
+        rec.append((len(samples), t1 - t0, t2 - t1, t3 - t2, sum(x.reward for x in samples) / len(samples)))
+    rec = rec[1:]
+    n = rec[0][0]
+    med = lambda i: statistics.median(x[i] for x in rec)  # noqa: E731
+    out = {
+        "mode": "in-process (no Ray)", "device": str(trainer.device),
+        "gpu": torch.cuda.get_device_name() if cuda else None,
+        "samples_per_rollout": n, "max_response_len": args.max_len, "rollouts_measured": len(rec),
+        "rollout_samples_per_s": n / med(1), "train_samples_per_s": n / med(2),
+        "samples_per_s": n / statistics.median(x[1] + x[2] + x[3] for x in rec),
+        "sync_ms_per_step": 1e3 * med(3),
+        "sync_share_of_step": statistics.median(x[3] / (x[1] + x[2] + x[3]) for x in rec),
+        "reward_first_last": [rec[0][4], rec[-1][4]],
     }
     print(json.dumps(out, indent=2))
     if args.json:
