@@ -3,9 +3,10 @@
 Design section 4 gives the format; fp8_math.py the exact math. This module plans
 the output (which tensors are quantized, each shard's header, the index and
 config), checks the input and the destination before writing anything, then
-converts shards in parallel with a bounded thread pool, tensor by tensor and
-chunk by chunk (fp8_safetensors.py), so memory stays a few MB per worker
-whatever the shard size. Output goes to the staging folder `.<save_dir>.partial`
+converts in parallel on a bounded thread pool whose tasks are ~64 MB groups of
+a shard's tensors (several tasks pwrite into one shard file at planned offsets),
+tensor by tensor and chunk by chunk (fp8_safetensors.py), so memory stays a few
+MB per worker whatever the shard size; a second pool hashes finished shards. Output goes to the staging folder `.<save_dir>.partial`
 and is renamed to `save_dir` when complete; each finished shard leaves a
 `.<shard>.ok.json` record there, so a rerun after a kill re-verifies (sha256)
 and skips it.
@@ -558,6 +559,48 @@ def _hash_and_record(plan: ShardPlan, tmp: Path, stage: Path, scheme: Scheme, pr
     return plan.name, digest
 
 
+def _resume(stage: Path, plans: list[ShardPlan], scheme: Scheme, workers: int, progress):
+    """Shards a killed run already finished (re-hashed in parallel), and the ones still to do."""
+    with ThreadPoolExecutor(workers, thread_name_prefix="fp8-verify") as pool:
+        found = list(pool.map(lambda p: _verified(stage, p, scheme), plans))
+    digests, todo = {}, []
+    for plan, digest in zip(plans, found):
+        if digest is None:
+            todo.append(plan)
+        else:
+            digests[plan.name] = digest
+            progress.add_bytes(plan.in_bytes)
+            progress.shard_done()
+    return digests, sorted(todo, key=lambda p: -p.in_bytes)  # largest first balances the pool
+
+
+def _convert_all(todo: list[ShardPlan], stage: Path, scheme: Scheme, dev, workers: int, progress, fsync, times):
+    """Run every shard's tasks on the worker pool; the hash pool checksums finished shards meanwhile."""
+    jobs = [ShardJob(p, stage / f"{p.name}{INCOMPLETE_SUFFIX}") for p in todo]
+    threads = torch.get_num_threads()
+    # Workers are the parallelism, one torch thread each: OpenMP's spinning barriers made
+    # 2 threads per worker 10x slower than 1 on this project's shared 2-core machine.
+    torch.set_num_threads(1)
+    try:
+        with (
+            ThreadPoolExecutor(workers, thread_name_prefix="fp8") as pool,
+            ThreadPoolExecutor(workers, thread_name_prefix="fp8-hash") as hashers,
+        ):
+            args = (stage, scheme, dev, progress, fsync, times, hashers)
+            tasks = [pool.submit(_run_task, job, infos, *args) for job in jobs for infos in job.tasks]
+            try:
+                hashes = [h for t in tasks if (h := t.result()) is not None]
+                return dict(h.result() for h in hashes)
+            except BaseException:
+                for t in tasks:  # stop soon: running tasks finish, queued ones are dropped
+                    t.cancel()
+                raise
+    finally:
+        for job in jobs:
+            job.close()
+        torch.set_num_threads(threads)
+
+
 def convert(
     model_dir: Path,
     save_dir: Path,
@@ -582,40 +625,11 @@ def convert(
 
     stage = atomic.temp_dir_for(save_dir)
     stage.mkdir(parents=True, exist_ok=True)
-    progress = Progress(sum(p.in_bytes for p in plans), len(plans), log)
-    times = PhaseTimes()
-    digests, todo = {}, []
-    for plan in plans:
-        if (digest := _verified(stage, plan, scheme)) is not None:
-            digests[plan.name] = digest
-            progress.add_bytes(plan.in_bytes)
-            progress.shard_done()
-        else:
-            todo.append(plan)
-    todo.sort(key=lambda p: -p.in_bytes)  # largest first balances the pool
-    jobs = [ShardJob(p, stage / f"{p.name}{INCOMPLETE_SUFFIX}") for p in todo]
-    threads = torch.get_num_threads()
-    # Workers are the parallelism, one torch thread each: OpenMP's spinning barriers made
-    # 2 threads per worker 10x slower than 1 on this project's shared 2-core machine.
-    torch.set_num_threads(1)
+    progress, times = Progress(sum(p.in_bytes for p in plans), len(plans), log), PhaseTimes()
     try:
-        with (
-            ThreadPoolExecutor(int(workers), thread_name_prefix="fp8") as pool,
-            ThreadPoolExecutor(int(workers), thread_name_prefix="fp8-hash") as hashers,
-        ):
-            args = (stage, scheme, dev, progress, fsync, times, hashers)
-            tasks = [pool.submit(_run_task, job, infos, *args) for job in jobs for infos in job.tasks]
-            try:
-                hashes = [h for t in tasks if (h := t.result()) is not None]
-                digests.update(h.result() for h in hashes)
-            except BaseException:
-                for t in tasks:  # stop soon: running tasks finish, queued ones are dropped
-                    t.cancel()
-                raise
+        digests, todo = _resume(stage, plans, scheme, int(workers), progress)
+        digests.update(_convert_all(todo, stage, scheme, dev, int(workers), progress, fsync, times))
     finally:
-        for job in jobs:
-            job.close()
-        torch.set_num_threads(threads)
         progress.close()
 
     skip = modules_to_not_convert(plans)
