@@ -171,10 +171,14 @@ def ray_local():
 
     from glmsnake.trainer.driver import init_ray
 
-    os.environ.setdefault("GLMSNAKE_LOCAL_RAY_IP", "127.0.0.9")
     init_ray(None, num_cpus=2)
     yield ray
     ray.shutdown()
+    import shutil
+
+    from glmsnake.trainer.driver import local_ray_tmp
+
+    shutil.rmtree(local_ray_tmp(), ignore_errors=True)
 
 
 def run_loop(settings):
@@ -260,11 +264,10 @@ def test_killed_run_resumes_from_its_checkpoint_then_step_and_export(base, learn
     from glmsnake.trainer.step import step, write_settings
 
     s_ref, _, ref_records = learned
-    wf = workflow(base)
     wf = config.load({"base_dir": str(base), "runs": {"resumed": TINY_RUN}})
     settings, path = write_settings(wf, "resumed")
     ck = Path(settings.checkpoint_dir)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "GLMSNAKE_LOCAL_RAY_IP": "127.0.0.10"}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     log = open(tmp_path / "attempt1.log", "w")
     proc = subprocess.Popen(_driver_cmd(path), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -283,7 +286,6 @@ def test_killed_run_resumes_from_its_checkpoint_then_step_and_export(base, learn
     print(f"killed with checkpoints {at_kill}, {len(done_before)} rollouts logged")
 
     sentinel = wf.run_dir("resumed") / "glmsnake.done.json"
-    os.environ["GLMSNAKE_LOCAL_RAY_IP"] = "127.0.0.11"
     step(wf, sentinel, "resumed")
     rec = json.loads(sentinel.read_text())
     assert rec["final_iteration"] == settings.num_rollout - 1

@@ -26,10 +26,20 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     # A private cluster on this machine only: a loopback address that Ray keeps as given
-    # (127.0.0.1 would be mapped to the interface address), no dashboard.
+    # (127.0.0.1 would be mapped to the interface address), one per process so that two
+    # runs trained at once never share a GCS address; no dashboard.
     ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,
-             _node_ip_address=os.environ.get("GLMSNAKE_LOCAL_RAY_IP", "127.0.0.9"),
-             _temp_dir=os.environ.get("GLMSNAKE_LOCAL_RAY_TMP", f"/tmp/gsray{os.getpid()}"))
+             _node_ip_address=os.environ.get("GLMSNAKE_LOCAL_RAY_IP") or local_ray_ip(os.getpid()),
+             _temp_dir=local_ray_tmp())
+
+
+def local_ray_ip(pid: int) -> str:
+    return f"127.77.{(pid >> 8) & 255}.{(pid & 255) or 1}"
+
+
+def local_ray_tmp() -> str:
+    # Short: Ray's unix socket paths must stay under 107 bytes.
+    return os.environ.get("GLMSNAKE_LOCAL_RAY_TMP", f"/tmp/gsray{os.getpid()}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         summary = Loop(settings, log=lambda m: print(m, flush=True)).run()
     finally:
         ray.shutdown()
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        import shutil
+
+        shutil.rmtree(local_ray_tmp(), ignore_errors=True)  # the private Ray's logs; kept on failure
     print(SUMMARY_PREFIX + json.dumps(summary, sort_keys=True), flush=True)
     return 0 if summary.get("final_iteration") == settings.num_rollout - 1 else 1
 
