@@ -331,6 +331,41 @@ def _plan(model_dir: Path, shard: str):
     return fp8.plan_shard(shard, read_header(model_dir / shard), fp8.Scheme("block", (32, 32)))
 
 
+def test_killed_run_leaves_nothing_finished_and_rerun_resumes(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    g = torch.Generator().manual_seed(3)
+    tensors = {
+        f"model.layers.{i}.mlp.experts.{e}.up_proj.weight": torch.randn(1024, 1024, generator=g).to(torch.bfloat16)
+        for i in range(4)
+        for e in range(16)
+    }
+    src = write_model(tmp_path / "in", tensors, shards=4)  # 4 shards of 32 MB
+    save, stage = tmp_path / "out", atomic.temp_dir_for(tmp_path / "out")
+    cmd = [sys.executable, "-m", "glmsnake.convert.fp8", "--model-dir", str(src), "--save-dir", str(save),
+           "--workers", "1", "--device", "cpu", "--no-fsync"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not list(stage.glob(".*.ok.json")) and proc.poll() is None:
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGKILL)  # as a node failure or `scancel -s KILL` would
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the conversion finished before it could be killed"
+    assert not save.exists()  # nothing at the final name, so nothing looks finished
+    done = sorted(p.name.removeprefix(".").removesuffix(".ok.json") for p in stage.glob(".*.ok.json"))
+    assert 1 <= len(done) < 4
+    kept = {name: (stage / name).stat().st_mtime_ns for name in done}
+
+    result = fp8.convert(src, save, workers=2, device="cpu", log=io.StringIO())
+    assert sorted(result.converted) == sorted(set(result.shards) - set(done))
+    assert all((save / name).stat().st_mtime_ns == mtime for name, mtime in kept.items())
+    clean = fp8.convert(src, tmp_path / "clean", workers=2, device="cpu", log=io.StringIO())
+    assert result.shards == clean.shards  # the resumed output is the same bytes as an uninterrupted one
+
+
 def test_failed_run_leaves_nothing_that_looks_finished(tmp_path):
     good = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(64, 64).to(torch.bfloat16) for i in range(3)}
     bad = torch.randn(64, 64)
