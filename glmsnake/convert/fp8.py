@@ -715,7 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-dir", required=True, type=Path, help="where the FP8 checkpoint goes (new or empty)")
     p.add_argument("--strategy", default="block", choices=["block", "channel", "tensor"])
     p.add_argument("--block-size", nargs="+", default=["128", "128"], metavar="N", help="rows cols (block only)")
-    p.add_argument("--workers", type=int, default=4, help="shards converted at once")
+    p.add_argument("--workers", type=int, default=4, help="worker threads (on a CPU, one core each)")
     p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
     p.add_argument("--no-fsync", action="store_true", help="skip fsync of each shard (faster, not crash-safe)")
     return p
