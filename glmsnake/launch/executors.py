@@ -242,7 +242,7 @@ def preflight(wf: "Workflow", allocation: "Allocation", name: str = "step") -> N
         )
     if wf.user.launcher != "slurm":
         return
-    part = wf.user.slurm.partition
+    part = wf.user.slurm.partition or _default_partition()
     if part:
         r = _run(["scontrol", "show", "partition", "-o", part])
         if r.returncode != 0 or not r.stdout.strip():
@@ -262,6 +262,20 @@ def preflight(wf: "Workflow", allocation: "Allocation", name: str = "step") -> N
 
 
 _KEEP_ENV = ("SLURM_CONF",)  # where the cluster's slurm.conf is: needed by sbatch/srun/scontrol
+
+
+def _default_partition() -> str | None:
+    r = _run(["scontrol", "show", "partition", "-o"])
+    for line in r.stdout.splitlines():
+        fields = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+        if fields.get("Default") == "YES":
+            return fields.get("PartitionName")
+    return None
+
+
+# Pending reasons that never resolve by waiting: cancel and report Slurm's words.
+HOPELESS = ("PartitionNodeLimit", "PartitionTimeLimit", "PartitionConfig", "BadConstraints", "InvalidQOS",
+            "InvalidAccount", "QOSMaxNodePerJobLimit", "AssocMaxNodesPerJob", "ReqNodeNotAvail, UnavailableNodes")
 
 
 def _submit(ex: submitit.Executor, task: _Task) -> Any:
@@ -408,6 +422,14 @@ def wait_job(
                     on_running(job_id, nodes)
             if (state is None or state in TERMINAL) and ended_at is None:
                 ended_at = now
+            if state == "PENDING":
+                reason = _scontrol_job(job_id).get("Reason", "")
+                if any(reason.startswith(h) for h in HOPELESS):
+                    job.cancel(check=False)
+                    raise SlurmRejected(
+                        f"Slurm will never start job {job_id}: it is pending with reason {reason!r} "
+                        f"(`scontrol show job {job_id}`); cancelled it"
+                    )
         if ended_at is not None and time.time() - ended_at > RESULT_GRACE_S:
             break
         time.sleep(poll_s)

@@ -150,6 +150,12 @@ PartitionName={PARTITION} Nodes=node[1-{n}] Default=YES MaxTime=INFINITE State=U
         for tool in ("munged", "slurmctld", "slurmd", "sinfo", "unshare"):
             if not shutil.which(tool):
                 raise RuntimeError(f"{tool} not found: apt-get install -y slurm-wlm munge")
+        busy = [p for p in [CTLD_PORT] + [SLURMD_PORT0 + k for k in range(self.nodes)]
+                if _listening("127.0.0.1", p) or _listening(node_addr(p - SLURMD_PORT0 + 1), p)]
+        if busy:
+            raise RuntimeError(f"ports {busy} are in use: is another test cluster up? Stop it with "
+                               f"`python -m tests.cluster.slurm_cluster down --dir DIR`, or reuse it "
+                               f"(GLMSNAKE_SLURM_REUSE=DIR), or set GLMSNAKE_SLURMCTLD_PORT/GLMSNAKE_SLURMD_PORT0")
         self.write_config()
         pids: dict[str, int] = {}
         m = self.root / "munge"

@@ -1,0 +1,32 @@
+"""Picklable task functions and the test driver factory for the slurm tests.
+
+They live in an importable module (`tests.cluster.helpers`, with the repo on PYTHONPATH) so
+submitit tasks on the test cluster's nodes can unpickle them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from glmsnake.launch import executors
+from glmsnake.recipe import Driver
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def task_env() -> dict[str, str]:
+    return executors.task_env()
+
+
+def fail_on_rank_1() -> int:
+    if os.environ["RANK"] == "1":
+        raise ValueError("deliberate failure")
+    return 0
+
+
+def test_driver(head: str, nodes: int, gpus: int, code: int = 0, sleep: float = 0.0) -> Driver:
+    argv = [sys.executable, "tests/cluster/ray_test_driver.py", "--nodes", str(nodes), "--gpus", str(gpus),
+            "--exit-code", str(code), "--sleep", str(sleep)]
+    return Driver(argv=argv, cwd=str(REPO), env={"no_proxy": f"localhost,127.0.0.1,{head}"})

@@ -1,0 +1,203 @@
+"""Multi-node launch against the real loopback Slurm (issue 5). Run alone: pytest -m slurm."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from glmsnake.errors import GlmsnakeError
+from glmsnake.launch import executors
+from glmsnake.launch.ray_cluster import run_ray_job
+from tests.cluster.helpers import fail_on_rank_1 as _fail_on_rank_1
+from tests.cluster.helpers import task_env as _env
+from tests.cluster.helpers import test_driver as _test_driver
+
+pytestmark = pytest.mark.slurm
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _report(log: Path) -> dict:
+    m = re.search(r"GLMSNAKE_TEST_DRIVER (\{.*\})", log.read_text())
+    assert m, log.read_text()[-3000:]
+    return json.loads(m.group(1))
+
+
+def _no_ray_left(slurm_cluster, job_dir: str) -> None:
+    """No process of ours in the job's Ray sessions, and Slurm holds nothing."""
+    assert slurm_cluster.jobs() == [] or all("COMPLETED" in j or "CANCELLED" in j or "FAILED" in j
+                                              for j in slurm_cluster.jobs())
+    left = [p for p in slurm_cluster.leftovers() if "slurm" not in Path(f"/proc/{p}/comm").read_text()]
+    assert left == [], f"processes left in the cluster's sessions: {left}"
+    tmp = [d for d in Path("/tmp").glob("rj*")]
+    for d in tmp:  # Ray's session folders may stay; their processes must not
+        pass
+
+
+def _alloc(wf, nodes: int, gpus: int = 8, **kw):
+    return wf.runs["default"].train.allocation.model_copy(update={"nodes": nodes, "gpus_per_node": gpus, **kw})
+
+
+# --------------------------------------------------------------------------- submitit layer
+
+
+def test_run_tasks_two_nodes_rank_layout(slurm_wf, tmp_path):
+    a = slurm_wf.preset.convert.torch_dist.allocation
+    rec = executors.run_job(slurm_wf, a, 2, _env, "layout", tmp_path / "logs")
+    envs = rec.results
+    assert [int(e["RANK"]) for e in envs] == [0, 1, 2, 3]
+    assert {e["WORLD_SIZE"] for e in envs} == {"4"}
+    assert [e["NODE_RANK"] for e in envs] == ["0", "0", "1", "1"]
+    assert [e["LOCAL_RANK"] for e in envs] == ["0", "1", "0", "1"]
+    assert len(rec.nodes) == 2 and len({e["GLMSNAKE_NODE"] for e in envs}) == 2
+    # MASTER_ADDR is rank 0's node address as Slurm records it (NodeAddr), the same everywhere.
+    assert {e["MASTER_ADDR"] for e in envs} == {envs[0]["GLMSNAKE_NODE_ADDR"]}
+    assert envs[0]["MASTER_ADDR"] != envs[2]["GLMSNAKE_NODE_ADDR"]
+    assert re.fullmatch(r"127\.0\.0\.1\d", envs[0]["MASTER_ADDR"])
+    assert 20000 <= int(envs[0]["MASTER_PORT"]) < 32768
+
+
+def test_run_tasks_failure_names_rank_and_node(slurm_wf, tmp_path):
+    a = slurm_wf.preset.convert.torch_dist.allocation
+    with pytest.raises(executors.TaskFailed) as e:
+        executors.run_tasks(slurm_wf, a, 1, _fail_on_rank_1, "fail", tmp_path / "logs")
+    assert re.search(r"rank 1 on node node\d", str(e.value)) and "deliberate failure" in str(e.value)
+
+
+def test_bad_partition_is_a_clear_error_before_allocation(slurm_cluster, tmp_path):
+    from glmsnake import config
+
+    wf = config.load({"base_dir": str(tmp_path), "launcher": "slurm", "slurm": {"partition": "nosuch"}})
+    before = slurm_cluster.jobs()
+    with pytest.raises(GlmsnakeError, match="partition 'nosuch' does not exist"):
+        executors.run_tasks(wf, wf.preset.convert.torch_dist.allocation, 1, _env, "x", tmp_path)
+    assert slurm_cluster.jobs() == before
+
+
+def test_too_many_nodes_is_a_clear_error(slurm_wf, tmp_path):
+    with pytest.raises(GlmsnakeError, match="asks for 9 nodes but partition 'debug' has only 8"):
+        executors.run_tasks(slurm_wf, _alloc(slurm_wf, 9), 1, _env, "x", tmp_path)
+
+
+def test_too_many_nodes_default_partition(slurm_cluster, tmp_path):
+    from glmsnake import config
+
+    wf = config.load({"base_dir": str(tmp_path), "launcher": "slurm"})  # no partition: Slurm's default
+    with pytest.raises(GlmsnakeError, match="asks for 9 nodes but partition 'debug' has only 8"):
+        executors.run_tasks(wf, _alloc(wf, 9), 1, _env, "x", tmp_path)
+
+
+def test_slurm_refusal_is_verbatim(slurm_wf, tmp_path):
+    """Something only Slurm knows is wrong (an unknown constraint): its own words come back."""
+    from glmsnake import config
+
+    wf = config.load({"base_dir": str(tmp_path), "launcher": "slurm", "slurm": {"constraint": "nosuchfeature"}})
+    with pytest.raises(executors.SlurmRejected, match="sbatch: error: .*(constraint|feature|Invalid)"):
+        executors.run_tasks(wf, wf.preset.convert.torch_dist.allocation, 1, _env, "x", tmp_path)
+
+
+def test_time_shorter_than_step_minimum(slurm_wf):
+    from glmsnake.config import Allocation
+
+    with pytest.raises(ValueError, match="shorter than this step's minimum"):
+        Allocation(nodes=2, time_min=1, min_time_min=2)
+    with pytest.raises(GlmsnakeError, match="shorter than this step's minimum"):
+        from glmsnake import config
+
+        config.load({"launcher": "slurm", "runs": {"default": {"train": {"allocation": {"time_min": 1}}}}})
+
+
+# --------------------------------------------------------------------------- Ray across 8 nodes
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_ray_8_nodes_64_gpus_exit_code(slurm_cluster, slurm_wf, tmp_path, code):
+    log = tmp_path / "train.log"
+    r = run_ray_job(slurm_wf, _alloc(slurm_wf, 8), functools.partial(_test_driver, nodes=8, gpus=64, code=code),
+                    "train", tmp_path / "logs", log, object_store_mb=128)
+    print(json.dumps(r.timings, indent=1))
+    assert r.exit_code == code, log.read_text()[-3000:]
+    assert r.gpus == 64 and len(r.ray_nodes) == 8 and r.nodes == [f"node{k}" for k in range(1, 9)]
+    rep = _report(log)
+    assert rep["nodes"] == 8 and rep["gpus"] == 64 and rep["actors"] == 64
+    assert rep["actor_node_ids"] == rep["node_ids"] and len(rep["node_ids"]) == 8
+    assert rep["node_ips"] == [f"127.0.0.{10 + k}" for k in range(1, 9)]
+    assert rep["http_proxy"] is None
+    assert {n["slurm_node"] for n in r.ray_nodes} == set(r.nodes)
+    _no_ray_left(slurm_cluster, "")
+    assert slurm_cluster.node_states() and set(slurm_cluster.node_states().values()) == {"idle"}
+
+
+def test_two_ray_jobs_at_once_do_not_collide(slurm_cluster, slurm_wf, tmp_path):
+    """Two 2-node jobs with 4 GPUs per node on the same two nodes (ports are per job)."""
+    results: dict[int, object] = {}
+
+    def go(i: int) -> None:
+        try:
+            results[i] = run_ray_job(
+                slurm_wf, _alloc(slurm_wf, 2, gpus=4),
+                functools.partial(_test_driver, nodes=2, gpus=8, code=10 + i),
+                f"pair{i}", tmp_path / f"logs{i}", tmp_path / f"train{i}.log", object_store_mb=128)
+        except BaseException as e:  # noqa: BLE001
+            results[i] = e
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=400)
+    for i in range(2):
+        r = results[i]
+        assert not isinstance(r, BaseException), r
+        assert r.exit_code == 10 + i and r.gpus == 8
+    assert results[0].nodes == results[1].nodes  # really on the same nodes
+    _no_ray_left(slurm_cluster, "")
+
+
+def test_killed_worker_raylet_fails_fast_naming_the_node(slurm_cluster, slurm_wf, tmp_path):
+    logs = tmp_path / "logs"
+    box: dict[str, object] = {}
+
+    def go() -> None:
+        try:
+            box["r"] = run_ray_job(slurm_wf, _alloc(slurm_wf, 3),
+                                   functools.partial(_test_driver, nodes=3, gpus=24, sleep=300),
+                                   "kill", logs, tmp_path / "train.log", object_store_mb=128)
+        except BaseException as e:  # noqa: BLE001
+            box["e"] = e
+
+    t = threading.Thread(target=go)
+    t.start()
+    # Wait for the driver to be running, then kill node 2's (rank 2) raylet.
+    deadline = time.time() + 240
+    info = None
+    while time.time() < deadline:
+        infos = list(logs.glob("submitit/*/ray.worker2.json"))
+        if infos and (tmp_path / "train.log").exists() and "sleeping" in (tmp_path / "train.log").read_text():
+            info = json.loads(infos[0].read_text())
+            break
+        time.sleep(0.5)
+    assert info, "driver never got going"
+    from glmsnake.launch.ray_cluster import _session_members
+
+    raylets = [p for p in _session_members(info["pid"]) if Path(f"/proc/{p}/comm").read_text().strip() == "raylet"]
+    assert raylets
+    killed_at = time.time()
+    os.kill(raylets[0], signal.SIGKILL)
+    t.join(timeout=120)
+    elapsed = time.time() - killed_at
+    assert "e" in box, box
+    assert elapsed < 60, elapsed
+    assert info["node"] in str(box["e"]), str(box["e"])[:2000]
+    job_id = str(getattr(box["e"], "job_id", "") or "")
+    state, _ = executors.squeue_state(job_id) if job_id else (None, "")
+    assert state is None or state in executors.TERMINAL
+    _no_ray_left(slurm_cluster, "")
