@@ -280,6 +280,9 @@ def test_killed_run_resumes_from_its_checkpoint_then_step_and_export(base, learn
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver's session: it and the Ray it started
         proc.wait()
+        import shutil
+
+        shutil.rmtree(f"/tmp/gsray{proc.pid}", ignore_errors=True)  # the killed private Ray's temp dir
     at_kill = checkpoints.iterations(ck)
     assert at_kill[-1] < settings.num_rollout - 1, "the run finished before it could be killed"
     done_before = metrics.rollouts(metrics.read(settings.metrics_path))
