@@ -415,6 +415,8 @@ def _worker(spec: RaySpec, rank: int, node: str, address: str, job_dir: Path, jo
     log = job_dir / f"ray-{node}.log"
     proc: RayProcess | None = None
     gcs_host, gcs_port = head["gcs"].rsplit(":", 1)
+    # Before joining: the head maps Ray node addresses to Slurm node names with this.
+    _write_json(job_dir / f"ray.worker{rank}.json", {"node": node, "address": address, "pid": None})
     try:
         last_err = ""
         for attempt in range(1, spec.join_attempts + 1):
