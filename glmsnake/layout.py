@@ -97,6 +97,15 @@ def check_run(preset: "Preset", run: "Run") -> list[tuple[str, str]]:
                 )
             )
 
+    if run.train.backend == "slime" and run.rollout.num_rollout % run.train.save_interval:
+        # slime saves only on save_interval boundaries; the run's sentinel needs the final checkpoint.
+        out.append(
+            (
+                f"num_rollout={run.rollout.num_rollout} is not a multiple of save_interval={run.train.save_interval}, "
+                "so slime would not save the final checkpoint",
+                "choose a save_interval that divides num_rollout",
+            )
+        )
     if run.features.mtp_training and not (m.mtp_num_layers or 0) >= 1:
         out.append(("features.mtp_training needs an MTP layer", "set model.mtp_num_layers: 1 (GLM-4.7 has one)"))
     if run.features.mtp_training and not run.mtp.enable_mtp_training:

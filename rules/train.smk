@@ -9,6 +9,8 @@ rule train_run:
         data=[WF.dataset_path(n) for n in WF.preset.datasets],
     output:
         done=WF.run_dir("{run}") / SENTINEL,
+        # Checkpoints, metrics.jsonl and trainer settings carry resume state: never declared.
+        plot=report(WF.run_dir("{run}") / "train_curves.png", category="training", caption="report/train_curves.rst"),
     params:
         key=lambda wc: staleness.train(WF, wc.run),
     conda:

@@ -139,3 +139,8 @@ def test_bad_config_fails_before_any_job(tmp_path):
     out = proc.stdout + proc.stderr
     assert "TP=3 does not divide the 4 attention heads" in out and "fix:" in out
     assert not base.exists()
+
+
+def test_slime_needs_a_final_checkpoint():
+    msg = error_of({"preset": RECIPE, "runs": {"r": {"train": {"save_interval": 7}}}})
+    assert "num_rollout=3000 is not a multiple of save_interval=7" in msg and "choose a save_interval that divides num_rollout" in msg

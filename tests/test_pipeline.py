@@ -1,0 +1,83 @@
+"""The README's main job, end to end on the tiny preset with the local profile, then staleness.
+
+One real `snakemake --profile profiles/local all` run (every rule), then dry runs
+that must schedule exactly the steps a change touches.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, snakemake
+from test_workflow import jobs_of
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("pipeline")
+    base = wd / "results"
+    snakemake(wd, "--profile", str(REPO / "profiles/local"), "all", "--config", f"base_dir={base}")
+    return wd, base
+
+
+def dry(pipeline, *config: str) -> dict[str, int]:
+    wd, base = pipeline
+    return jobs_of(snakemake(wd, "-n", "all", "--config", f"base_dir={base}", *config).stdout)
+
+
+def test_every_rule_ran_and_left_its_sentinel(pipeline):
+    _, base = pipeline
+    run = base / "runs/default"
+    for sentinel in (base / "tiny-glm4moe/glmsnake.manifest.json", base / "tiny-glm4moe_torch_dist/glmsnake.done.json",
+                     base / "tiny-glm4moe-FP8/glmsnake.done.json", run / "glmsnake.done.json", run / "hf/glmsnake.done.json"):
+        assert json.loads(sentinel.read_text())
+    done = json.loads((run / "glmsnake.done.json").read_text())
+    assert done["final_iteration"] == 31 and (run / "checkpoints/iter_0000031").is_dir()
+    assert (run / "train_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(base.rglob(".*.partial")), "no staging folder is left behind"
+
+
+def test_exported_model_loads_in_transformers(pipeline):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, base = pipeline
+    hf = base / "runs/default/hf"
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.bfloat16)
+    ids = AutoTokenizer.from_pretrained(hf)("say a:", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    # Training changed the weights: the export is not the initial checkpoint.
+    init = AutoModelForCausalLM.from_pretrained(base / "tiny-glm4moe", dtype=torch.bfloat16)
+    assert not torch.equal(init.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_status_shows_the_finished_run(pipeline):
+    wd, base = pipeline
+    cfg = wd / "config.yaml"
+    cfg.write_text((REPO / "config/config.yaml").read_text().replace("base_dir: results", f"base_dir: {base}"))
+    out = subprocess.run([sys.executable, "-m", "glmsnake.cli", "status", "--configfile", str(cfg)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "32/32 rollouts" in out and "latest checkpoint: 31; finished" in out
+
+
+def test_rerun_does_nothing(pipeline):
+    assert dry(pipeline) == {}
+
+
+def test_training_knob_reruns_train_and_export_only(pipeline):
+    assert dry(pipeline, "runs={default: {optimizer: {lr: 0.02}}}") == {"train_run": 1, "export_hf": 1, "all": 1}
+
+
+def test_save_interval_alone_reruns_nothing(pipeline):
+    assert dry(pipeline, "runs={default: {train: {save_interval: 8}}}") == {}
+
+
+def test_fp8_block_size_reruns_fp8_and_with_fp8_rollout_train(pipeline):
+    assert dry(pipeline, "overrides={convert: {fp8: {block_size: [64, 64]}}}") == {"convert_fp8": 1, "all": 1}
+    jobs = dry(pipeline, "overrides={convert: {fp8: {block_size: [64, 64]}}}", "runs={default: {features: {fp8_rollout: true}}}")
+    assert jobs == {"convert_fp8": 1, "train_run": 1, "export_hf": 1, "all": 1}
