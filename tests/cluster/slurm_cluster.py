@@ -247,8 +247,20 @@ PartitionName={PARTITION} Nodes=node[1-{n}] Default=YES MaxTime=INFINITE State=U
         self.pids_file.unlink(missing_ok=True)
 
     def leftovers(self) -> list[int]:
-        """Processes still alive in the sessions `up` created."""
-        return _session_members(set(self._pids().values()))
+        """Processes still alive in the sessions `up` created, other than the daemons themselves
+        (and slurmstepd, which outlives a job briefly)."""
+        pids = self._pids()
+        out = []
+        for p in _session_members(set(pids.values())):
+            if p in pids.values():
+                continue
+            try:
+                if "slurm" in Path(f"/proc/{p}/cmdline").read_text():  # slurmstepd, slurmscriptd
+                    continue
+            except OSError:
+                continue
+            out.append(p)
+        return out
 
 
 def _listening(addr: str, port: int) -> bool:

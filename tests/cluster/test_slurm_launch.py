@@ -35,7 +35,7 @@ def _no_ray_left(slurm_cluster, job_dir: str) -> None:
     """No process of ours in the job's Ray sessions, and Slurm holds nothing."""
     assert slurm_cluster.jobs() == [] or all("COMPLETED" in j or "CANCELLED" in j or "FAILED" in j
                                               for j in slurm_cluster.jobs())
-    left = [p for p in slurm_cluster.leftovers() if "slurm" not in Path(f"/proc/{p}/comm").read_text()]
+    left = slurm_cluster.leftovers()
     assert left == [], f"processes left in the cluster's sessions: {left}"
     tmp = [d for d in Path("/tmp").glob("rj*")]
     for d in tmp:  # Ray's session folders may stay; their processes must not
