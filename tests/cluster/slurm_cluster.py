@@ -47,6 +47,7 @@ class Cluster:
         self.log = self.root / "log"
         self.pids_file = self.root / "pids.json"
         self.munge_socket = self.root / "munge" / "munge.socket"
+        self._procs: dict[str, subprocess.Popen] = {}  # the daemons this object started: waited for in down()
 
     # ---------------------------------------------------------------- config
     @property
@@ -134,7 +135,9 @@ PartitionName={PARTITION} Nodes=node[1-{n}] Default=YES MaxTime=INFINITE State=U
         out = open(self.log / f"{name}.out", "ab")
         p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                              env=self.env, start_new_session=True, cwd=self.root)
+        out.close()
         pids[name] = p.pid
+        self._procs[name] = p
         self._save_pids(pids)
 
     def running(self) -> bool:
@@ -150,8 +153,9 @@ PartitionName={PARTITION} Nodes=node[1-{n}] Default=YES MaxTime=INFINITE State=U
         for tool in ("munged", "slurmctld", "slurmd", "sinfo", "unshare"):
             if not shutil.which(tool):
                 raise RuntimeError(f"{tool} not found: apt-get install -y slurm-wlm munge")
-        busy = [p for p in [CTLD_PORT] + [SLURMD_PORT0 + k for k in range(self.nodes)]
-                if _listening("127.0.0.1", p) or _listening(node_addr(p - SLURMD_PORT0 + 1), p)]
+        busy = [CTLD_PORT] if _listening("127.0.0.1", CTLD_PORT) else []
+        busy += [SLURMD_PORT0 + k - 1 for k in range(1, self.nodes + 1)
+                 if _listening("127.0.0.1", SLURMD_PORT0 + k - 1) or _listening(node_addr(k), SLURMD_PORT0 + k - 1)]
         if busy:
             raise RuntimeError(f"ports {busy} are in use: is another test cluster up? Stop it with "
                                f"`python -m tests.cluster.slurm_cluster down --dir DIR`, or reuse it "
@@ -167,7 +171,10 @@ PartitionName={PARTITION} Nodes=node[1-{n}] Default=YES MaxTime=INFINITE State=U
         _wait(lambda: self._sinfo_ok(), 30, "slurmctld answering")
         for name in self.node_names():
             self._write_hosts(name, bound=False)
-            inner = (f"mount --bind {self.etc}/hosts-{name} /etc/hosts && hostname {name} && "
+            # Like a real node: slurm.conf where Slurm's clients look by default (the
+            # executor plugin's job steps run srun with every SLURM_* variable removed).
+            inner = (f"mount --bind {self.etc}/hosts-{name} /etc/hosts && mkdir -p /etc/slurm && "
+                     f"mount --bind {self.etc} /etc/slurm && hostname {name} && "
                      f"exec slurmd -D -N {name} -f {self.conf}")
             self._spawn(f"slurmd-{name}", ["unshare", "--uts", "--mount", "--", "sh", "-c", inner], pids)
         for k, name in enumerate(self.node_names(), 1):
@@ -179,7 +186,8 @@ PartitionName={PARTITION} Nodes=node[1-{n}] Default=YES MaxTime=INFINITE State=U
     def _write_hosts(self, name: str, bound: bool) -> None:
         """/etc/hosts as node `name` sees it (bind-mounted into its mount namespace only).
 
-        Each slurmd runs in its own UTS + mount namespace with hostname nodeK. With
+        Each slurmd runs in its own UTS + mount namespace with hostname nodeK, and DIR/etc
+        bind-mounted on /etc/slurm (so job steps find slurm.conf without SLURM_CONF). With
         CommunicationParameters=NoInAddrAny, slurmd binds to what its hostname resolves to:
         at start that is 127.0.0.1K (its NodeAddr, kept as given by Ray). srun, though, tells
         slurmstepd to call back on the source address of its request (always 127.0.0.1 on
@@ -244,6 +252,14 @@ PartitionName={PARTITION} Nodes=node[1-{n}] Default=YES MaxTime=INFINITE State=U
         for pid in pids.values():
             if _alive(pid):
                 _signal(pid, signal.SIGKILL)
+        # Reap the daemons we are the parent of (else munged/slurmctld stay as zombies).
+        for p in self._procs.values():
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+        self._procs.clear()
         self.pids_file.unlink(missing_ok=True)
 
     def leftovers(self) -> list[int]:
