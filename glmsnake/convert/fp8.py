@@ -36,7 +36,9 @@ from glmsnake.convert.fp8_math import (
     FP8,
     ChunkQuantizer,
     Scheme,
+    ceil_div,
     check_finite,
+    native_kernel,
     scale_from_amax,
 )
 from glmsnake.convert.fp8_safetensors import (
@@ -70,6 +72,8 @@ FP8_SCALE_KEY = re.compile(r"\.(weight_scale(_inv)?|input_scale|activation_scale
 
 # Elements per chunk: a few MB of float32 scratch stays in cache on a CPU; a GPU wants big copies.
 CHUNK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 25}
+# The C kernel reads bf16 directly, no float32 scratch: input bytes per chunk (its output is half).
+NATIVE_CHUNK_BYTES = 2 << 20
 LOG_INTERVAL_S = 10.0
 
 
@@ -290,7 +294,44 @@ def _write_fp8(bufs: _Buffers, fd: int, q: torch.Tensor, offset: int) -> None:
     bufs.times.add("write", t)
 
 
+def _native_for(bufs: _Buffers, info: TensorInfo):
+    """The C kernel if it serves this tensor (bf16, block or channel groups, on the CPU), else None."""
+    if bufs.device.type != "cpu" or info.dtype != "BF16" or bufs.scheme.strategy == "tensor":
+        return None
+    return native_kernel()
+
+
+def _quantize_tensor_native(kernel, bufs, src_fd, src: Header, info: TensorInfo, dst_fd, plan, report) -> None:
+    """Chunks of whole block-rows: pread the bf16 bytes, one C call (scales + fp8), pwrite."""
+    scheme = bufs.scheme
+    rows, cols = info.shape
+    g0, g1 = scheme.block_size if scheme.strategy == "block" else (1, cols)
+    out_start = len(plan.header)
+    w_out, s_out = plan.out[info.name], plan.out[scheme.scale_key(info.name)]
+    scales = torch.empty(ceil_div(rows, g0), ceil_div(cols, g1), dtype=torch.float32)
+    step = max(g0, NATIVE_CHUNK_BYTES // max(1, 2 * cols) // g0 * g0)
+    in_buf, out_buf = bufs.host("in", min(rows, step) * cols * 2), bufs.host("out", min(rows, step) * cols)
+    row_bytes = cols * 2
+    for r0 in range(0, rows, step):
+        r = min(step, rows - r0)
+        t = time.perf_counter()
+        raw = read_into(src_fd, in_buf, src.data_start + info.begin + r0 * row_bytes, r * row_bytes)
+        t = bufs.times.add("read", t)
+        q = out_buf[: r * cols]
+        first = r0 // g0
+        if not kernel.quantize(raw.view(torch.bfloat16).view(r, cols), g0, g1, scales[first : first + ceil_div(r, g0)], q):
+            check_finite(torch.tensor(float("nan")), info.name)  # raises: a group holds Inf or NaN
+        t = bufs.times.add("compute", t)
+        write_at(dst_fd, q, out_start + w_out.begin + r0 * cols)
+        bufs.times.add("write", t)
+        report(r * row_bytes)
+    write_at(dst_fd, scales, out_start + s_out.begin)
+
+
 def _quantize_tensor(bufs, src_fd, src: Header, info: TensorInfo, dst_fd, plan: ShardPlan, report) -> None:
+    kernel = _native_for(bufs, info)
+    if kernel is not None:
+        return _quantize_tensor_native(kernel, bufs, src_fd, src, info, dst_fd, plan, report)
     scheme, qz = bufs.scheme, bufs.quantizer
     rows, cols = info.shape
     dtype = DTYPES[info.dtype]
