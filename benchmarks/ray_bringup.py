@@ -36,7 +36,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", type=int, default=8)
     ap.add_argument("--gpus-per-node", type=int, default=8)
-    ap.add_argument("--slots", type=int, default=1, help="concurrent `ray start --address` per host")
+    ap.add_argument("--slots", type=int, default=8, help="concurrent `ray start --address` per host")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--start-cluster", action="store_true")
     a = ap.parse_args()
@@ -60,6 +60,12 @@ def main() -> int:
             t = r.timings
             print(json.dumps({"exit_code": r.exit_code, "nodes": len(r.nodes), "gpus": r.gpus, "slots": a.slots,
                               **{k: round(v, 2) for k, v in t.items()}}))
+            head_cpu = next(iter(r.cpu.values()), {})
+            workers_cpu = [c for c in list(r.cpu.values())[1:] if c]
+            kinds = sorted({k for c in workers_cpu for k in c})
+            mean = {k: round(sum(c.get(k, 0.0) for c in workers_cpu) / max(1, len(workers_cpu)), 2) for k in kinds}
+            print(json.dumps({"cpu_s_head": head_cpu, "cpu_s_per_worker_mean": mean,
+                              "cpu_s_total": round(sum(sum(c.values()) for c in r.cpu.values()), 1)}))
             print(f"head start {t['head_start_s']:.1f}s | workers joined {t.get('last_worker_joined_s', 0):.1f}s "
                   f"| job start -> {a.nodes} nodes/{r.gpus:.0f} GPUs {t['submit_to_cluster_ready_s']:.1f}s (goal 20) "
                   f"| driver exit -> released {t['driver_exit_to_released_s']:.1f}s (goal 10; head teardown "

@@ -64,9 +64,17 @@ class RaySpec:
     interface: str | None = None
     cpus_per_node: int | None = None  # None: what Slurm gave the task (SLURM_CPUS_ON_NODE)
     object_store_mb: int | None = None
-    worker_ports: int = int(os.environ.get("GLMSNAKE_RAY_WORKER_PORTS", "200"))
-    start_slots: int = int(os.environ.get("GLMSNAKE_RAY_START_SLOTS", "1"))
+    # Read when the spec is made (on the submitting host), not when this module is imported.
+    worker_ports: int = field(default_factory=lambda: int(os.environ.get("GLMSNAKE_RAY_WORKER_PORTS", "200")))
+    # Concurrent `ray start --address` on one host (per-node temp dirs make them safe).
+    start_slots: int = field(default_factory=lambda: int(os.environ.get("GLMSNAKE_RAY_START_SLOTS", "8")))
+    # Worker nodes skip Ray's log monitor (one Python process per node that only forwards
+    # worker stdout to the driver); the head keeps it, so the driver's own output and that of
+    # actors on the head still stream. Worker-node actor logs stay in that node's Ray logs.
+    worker_log_monitor: bool = field(
+        default_factory=lambda: os.environ.get("GLMSNAKE_RAY_WORKER_LOG_MONITOR", "0") == "1")
     join_attempts: int = 3
+    early_join: bool = True  # workers get the head's address before the head has started
     ready_timeout_s: float = 300.0
     head_lost_s: float = 15.0  # a worker gives up after the head's GCS is unreachable this long
     job_name: str = "glmsnake"
@@ -122,6 +130,20 @@ class RayProcess:
     def members(self) -> list[int]:
         return _session_members(self.p.pid)
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds (user + system) used so far by the live processes of this session, by kind."""
+        tck = os.sysconf("SC_CLK_TCK")
+        out: dict[str, float] = {}
+        for pid in self.members():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                cmd = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+            except OSError:
+                continue
+            kind = _process_kind(cmd)
+            out[kind] = round(out.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tck, 2)
+        return out
+
     def stop(self, grace_s: float = 1.5) -> float:
         """SIGTERM every process of the session, SIGKILL what is left after `grace_s`.
 
@@ -145,6 +167,31 @@ class RayProcess:
             self.p.wait(timeout=1)
         self.out.close()
         return time.time() - t0
+
+
+_KINDS = (("gcs_server", "gcs_server"), ("raylet", "raylet"), ("dashboard/agent.py", "dashboard_agent"),
+          ("runtime_env/agent", "runtime_env_agent"), ("log_monitor", "log_monitor"),
+          ("dashboard/dashboard.py", "dashboard"), ("autoscaler/_private/monitor.py", "autoscaler_monitor"),
+          ("ray.util.client.server", "client_server"), ("default_worker", "python_worker"),
+          ("bin/ray", "ray_start"))
+
+
+def _process_kind(cmd: list[str]) -> str:
+    line = " ".join(cmd)
+    for needle, kind in _KINDS:
+        if needle in line:
+            return kind
+    return Path(cmd[0]).name if cmd and cmd[0] else "other"
+
+
+def temp_dir(job_id: str, rank: int) -> str:
+    """Ray's --temp-dir of one node of a job: short (unix socket paths), and one per node.
+
+    Several raylets of one session on one host (the test cluster) would otherwise pick
+    their socket names (`sockets/raylet.N`) in the same folder, which races when they start
+    at the same moment ("The current node timed out during startup").
+    """
+    return f"/tmp/rj{job_id}n{rank}"
 
 
 def _tail(text: str, n: int) -> str:
@@ -226,10 +273,20 @@ def _node_args(address: str, ports: list[int], spec: RaySpec) -> list[str]:
     return args
 
 
+_GCS_CLIENTS: dict[str, Any] = {}
+
+
 def _gcs_nodes(gcs_address: str) -> list[dict[str, Any]]:
     from ray._raylet import GcsClient  # the pinned Ray's GCS client: cheap, no driver
 
-    info = GcsClient(address=gcs_address).get_all_node_info(timeout=5)
+    client = _GCS_CLIENTS.get(gcs_address)
+    if client is None:
+        client = _GCS_CLIENTS[gcs_address] = GcsClient(address=gcs_address)
+    try:
+        info = client.get_all_node_info(timeout=5)
+    except Exception:
+        _GCS_CLIENTS.pop(gcs_address, None)
+        raise
     out = []
     for node_id, n in info.items():
         out.append({
@@ -315,19 +372,26 @@ def _head(spec: RaySpec, node: str, address: str, job_dir: Path, job_id: str) ->
                                      "DASHBOARD_METRIC_PORT": str(dash_metric),
                                      "AUTOSCALER_METRIC_PORT": str(as_metric)})
     ports = ports[:10] + ports[16:]  # keep 10.. as the worker range
-    temp = Path(f"/tmp/rj{job_id}")
+    # No autoscaler monitor (a fixed allocation): one Python process less. (The Ray client
+    # server cannot be left out: `ray start` insists on a port for it when it is installed.)
     argv = ["ray", "start", "--head", f"--port={gcs_port}", f"--dashboard-host={address}",
             f"--dashboard-port={dash_port}", "--include-dashboard=true", f"--ray-client-server-port={client_port}",
-            f"--temp-dir={temp}", *_node_args(address, ports, spec)]
+            "--no-monitor", f"--temp-dir={temp_dir(job_id, 0)}", *_node_args(address, ports, spec)]
     gcs = f"{address}:{gcs_port}"
     dashboard = f"http://{address}:{dash_port}"
     log = job_dir / f"ray-{node}.log"
+    head_info = {"gcs": gcs, "dashboard": dashboard, "node": node, "address": address}
+    if spec.early_join:
+        # Workers start their `ray start --address` while the head comes up (it retries the
+        # GCS), so the head's start and the joins overlap instead of adding up.
+        _write_json(job_dir / "ray.head.json", head_info)
     proc = RayProcess(argv, env, log)
     result: dict[str, Any] = {"role": "head", "node": node, "address": address, "gcs": gcs, "dashboard": dashboard}
     try:
         proc.wait_started(spec.ready_timeout_s)
         t["head_started"] = time.time()
-        _write_json(job_dir / "ray.head.json", {"gcs": gcs, "dashboard": dashboard, "node": node, "address": address})
+        if not spec.early_join:
+            _write_json(job_dir / "ray.head.json", head_info)
         # Wait for every node and GPU.
         want_gpus = spec.nodes * spec.gpus_per_node
         deadline = time.time() + spec.ready_timeout_s
@@ -376,6 +440,7 @@ def _head(spec: RaySpec, node: str, address: str, job_dir: Path, job_id: str) ->
     finally:
         _write_json(job_dir / "ray.done.json", {"at": time.time()})
         t["teardown_start"] = time.time()
+        result["cpu"] = proc.cpu_seconds()
         proc.stop()
         t["teardown_end"] = time.time()
         result["timings"] = t
@@ -400,6 +465,7 @@ def _check_worker_failures(job_dir: Path, n: int) -> None:
 
 def _worker(spec: RaySpec, rank: int, node: str, address: str, job_dir: Path, job_id: str) -> dict[str, Any]:
     t: dict[str, float] = {"task_start": time.time()}
+    cpu: dict[str, float] = {}
     done_file = job_dir / "ray.done.json"
     head = None
     while head is None:
@@ -423,8 +489,10 @@ def _worker(spec: RaySpec, rank: int, node: str, address: str, job_dir: Path, jo
             with _start_slot(spec.start_slots):
                 t.setdefault("slot_acquired", time.time())
                 ports = _ports(address, 10 + spec.worker_ports)
-                argv = ["ray", "start", f"--address={head['gcs']}", f"--temp-dir=/tmp/rj{job_id}",
+                argv = ["ray", "start", f"--address={head['gcs']}", f"--temp-dir={temp_dir(job_id, rank)}",
                         *_node_args(address, ports, spec)]
+                if not spec.worker_log_monitor:
+                    argv.insert(-1, "--include-log-monitor=false")
                 proc = RayProcess(argv, env, log)
                 try:
                     proc.wait_started(120)
@@ -451,7 +519,7 @@ def _worker(spec: RaySpec, rank: int, node: str, address: str, job_dir: Path, jo
                 raise RayNodeLost(f"the Ray head at {head['gcs']} has been unreachable for {spec.head_lost_s:.0f} s")
             time.sleep(0.5)
         t["head_done_seen"] = time.time()
-        return {"role": "worker", "node": node, "address": address, "joined": True, "timings": t}
+        return {"role": "worker", "node": node, "address": address, "joined": True, "timings": t, "cpu": cpu}
     except BaseException as e:
         if not done_file.exists():
             _write_json(job_dir / f"ray.worker{rank}.failed.json",
@@ -459,6 +527,7 @@ def _worker(spec: RaySpec, rank: int, node: str, address: str, job_dir: Path, jo
         raise
     finally:
         if proc is not None:
+            cpu.update(proc.cpu_seconds())
             proc.stop()
         t["stopped"] = time.time()
 
@@ -479,6 +548,7 @@ class JobResult:
     status: str = ""
     message: str = ""
     ray_nodes: list[dict[str, Any]] = field(default_factory=list)
+    cpu: dict[str, dict[str, float]] = field(default_factory=dict)  # Slurm node -> CPU s by Ray process kind
 
 
 def run_ray_job(
@@ -549,6 +619,7 @@ def run_ray_job(
         status=str(head.get("status", "")),
         message=str(head.get("message", "")),
         ray_nodes=head.get("ray_nodes", []),
+        cpu={r.get("node", f"rank{i}"): r.get("cpu", {}) for i, r in enumerate(rec.results)},
     )
 
 
