@@ -31,7 +31,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from glmsnake.convert import fp8
+from glmsnake.convert import fp8, fp8_math
 
 HIDDEN, Q_OUT, MOE_FFN = 5120, 12288, 1536
 SHARD_BYTES = 512 << 20
@@ -148,7 +148,9 @@ def baseline_convert(src: Path, dst: Path, workers: int, device: str, block=(128
 # ---------------------------------------------------------------- one measured run per subprocess
 
 
-def child(impl: str, src: Path, dst: Path, workers: int, device: str, fsync: bool) -> None:
+def child(impl: str, src: Path, dst: Path, workers: int, device: str, fsync: bool, cuda_chunk: int | None) -> None:
+    if cuda_chunk:
+        fp8.CHUNK_ELEMENTS["cuda"] = cuda_chunk
     shutil.rmtree(dst, ignore_errors=True)
     shutil.rmtree(fp8.atomic.temp_dir_for(dst), ignore_errors=True)
     torch.ones(1).sum()  # load torch's kernels before timing
@@ -156,6 +158,8 @@ def child(impl: str, src: Path, dst: Path, workers: int, device: str, fsync: boo
         torch.ones(1, device="cuda").sum().item()
     # One torch thread per worker when the workers fill the cores, for both implementations.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    if impl == "glmsnake" and device == "cpu":
+        fp8_math.native_kernel()  # load the compiled kernel (cached; the parent built it) before timing
     t0, cpu0, phases = time.perf_counter(), os.times(), {}
     if impl == "baseline":
         baseline_convert(src, dst, workers, device)
@@ -178,16 +182,47 @@ def peak_rss_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def run_child(impl: str, src: Path, dst: Path, args, workers: int | None = None) -> dict:
+def run_child(impl: str, src: Path, dst: Path, args, workers: int | None = None, cuda_chunk=None, fatal=True):
     cmd = [sys.executable, __file__, "--child", impl, "--src", str(src), "--dst", str(dst),
            "--workers", str(workers or args.workers), "--device", args.device]  # fmt: skip
     if args.fsync:
         cmd.append("--fsync")
+    if cuda_chunk or args.cuda_chunk:
+        cmd += ["--cuda-chunk", str(cuda_chunk or args.cuda_chunk)]
     os.sync()  # flush earlier writes (the input, the last run's output) so no run pays for another's
     out = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if out.returncode:
-        sys.exit(f"{impl} failed:\n{out.stderr}")
+        if fatal:
+            sys.exit(f"{impl} failed:\n{out.stderr}")
+        print(f"{impl} failed:\n{out.stderr[-3000:]}")
+        return None
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def kernel_build_seconds() -> str:
+    """Build the C kernel in a fresh cache (what a first run ever pays), then load the normal cache."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "GLMSNAKE_CACHE_DIR": tmp}
+        code = "import time,torch; t=time.perf_counter(); from glmsnake.convert import fp8_math as m; "
+        code += "k=m.native_kernel(); print(time.perf_counter()-t, k is not None)"
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False, cwd=ROOT)
+        cold = out.stdout.split() if out.returncode == 0 else ["nan", "False"]
+    t = time.perf_counter()
+    kernel = fp8_math.native_kernel()
+    warm = time.perf_counter() - t
+    if kernel is None:
+        return f"not available ({fp8_math.native_kernel_error()}); torch ops instead"
+    return (f"{'AVX2' if kernel.vector else 'scalar'}, first build {float(cold[0]):.2f} s (once per machine, "
+            f"cached), load {warm * 1e3:.0f} ms; not in the timings below")  # fmt: skip
+
+
+def phase_line(r: dict) -> str:
+    phases = dict(r["phases"])
+    tail = phases.pop("tail_wall", None)
+    text = str({k: round(v, 2) for k, v in phases.items()})
+    return text + (f"; hashing left after the last task: {tail:.2f} s wall" if tail is not None else "")
 
 
 def same_shards(a: Path, b: Path) -> bool:
@@ -218,17 +253,21 @@ def main() -> None:
     ap.add_argument(
         "--sweep-workers", type=int, nargs="*", default=[], help="also time glmsnake at these worker counts"
     )
+    ap.add_argument("--cuda-chunk", type=int, help="glmsnake's elements per chunk on a GPU (default: fp8.CHUNK_ELEMENTS)")
+    ap.add_argument("--sweep-cuda-chunk", type=int, nargs="*", default=[], help="also time these --cuda-chunk values")
     ap.add_argument("--child", choices=["baseline", "glmsnake"], help=argparse.SUPPRESS)
     ap.add_argument("--src", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--dst", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        return child(args.child, args.src, args.dst, args.workers, args.device, args.fsync)
+        return child(args.child, args.src, args.dst, args.workers, args.device, args.fsync, args.cuda_chunk)
 
     args.out_dir = args.out_dir or args.workdir
     t = time.perf_counter()
     src = make_input(args.workdir / "input", args.gb)
     print(f"input: {len(shard_files(src))} shards in {src} ({time.perf_counter() - t:.1f} s to make or find)")
+    if args.device == "cpu":
+        print(f"C kernel: {kernel_build_seconds()}")
     read_bandwidth(src)  # warm the page cache, as a converter run right after a download would find it
     read_s, nbytes = read_bandwidth(src)
     gb = nbytes / 1e9
@@ -255,19 +294,31 @@ def main() -> None:
     print(f"peak RSS ratio glmsnake/baseline:   {g['maxrss_kb'] / b['maxrss_kb']:.3f}")
     print(f"glmsnake / plain read bandwidth:    {read_s / g['seconds']:.0%}")
     print(f"output shards byte-identical:       {identical}")
-    print("glmsnake time per phase, summed over workers (s):", {k: round(v, 2) for k, v in g["phases"].items()})
-    for n in args.sweep_workers:
-        r = run_child("glmsnake", src, args.out_dir / f"out-w{n}", args, workers=n)
-        same = same_shards(args.out_dir / "out-baseline", args.out_dir / f"out-w{n}")
+    print("glmsnake time per phase, summed over workers (s):", phase_line(g))
+    sweep = [(n, None) for n in args.sweep_workers] + [(None, c) for c in args.sweep_cuda_chunk]
+    for n, c in sweep:
+        label = f"{n} workers" if n else f"cuda chunk {c}"
+        out = args.out_dir / f"out-{'w' if n else 'c'}{n or c}"
+        r = run_child("glmsnake", src, out, args, workers=n, cuda_chunk=c, fatal=False)
+        if r is None:
+            continue
+        same = same_shards(args.out_dir / "out-baseline", out)
         print(
-            f"glmsnake with {n} workers: {r['seconds']:.2f} s, {gb / r['seconds']:.2f} GB/s "
-            f"({read_s / r['seconds']:.0%} of read), RSS {r['maxrss_kb'] / 1e6:.2f} GB, identical {same}"
+            f"glmsnake with {label}: {r['seconds']:.2f} s, {gb / r['seconds']:.2f} GB/s "
+            f"({read_s / r['seconds']:.0%} of read), CPU {r['cpu_seconds']:.2f} s, RSS {r['maxrss_kb'] / 1e6:.2f} GB, "
+            f"identical {same}; phases {phase_line(r)}"
         )
+        shutil.rmtree(out, ignore_errors=True)
     if args.cross_check and args.device == "cuda":
         cpu_args = argparse.Namespace(**{**vars(args), "device": "cpu"})
-        c = run_child("glmsnake", src, args.out_dir / "out-cpu", cpu_args)
-        same = same_shards(args.out_dir / "out-cpu", args.out_dir / "out-glmsnake")
-        print(f"glmsnake on CPU: {c['seconds']:.2f} s ({gb / c['seconds']:.2f} GB/s); GPU bytes == CPU bytes: {same}")
+        print(f"C kernel for the CPU run: {kernel_build_seconds()}")
+        c = run_child("glmsnake", src, args.out_dir / "out-cpu", cpu_args, fatal=False)
+        if c is not None:
+            same = same_shards(args.out_dir / "out-cpu", args.out_dir / "out-glmsnake")
+            print(
+                f"glmsnake on CPU: {c['seconds']:.2f} s ({gb / c['seconds']:.2f} GB/s, {read_s / c['seconds']:.0%} of read), "
+                f"CPU {c['cpu_seconds']:.2f} s; GPU bytes == CPU bytes: {same}; phases {phase_line(c)}"
+            )
     if not args.keep:
         for d in args.out_dir.glob("out-*"):
             shutil.rmtree(d, ignore_errors=True)

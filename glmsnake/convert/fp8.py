@@ -339,7 +339,9 @@ def _quantize_tensor(bufs, src_fd, src: Header, info: TensorInfo, dst_fd, plan: 
     w_out, s_out = plan.out[info.name], plan.out[scheme.scale_key(info.name)]
     step = chunk_rows(rows, cols, scheme, bufs.device)
     spans = [(r0, min(step, rows - r0)) for r0 in range(0, rows, step)]
-    scales = torch.empty(s_out.shape, dtype=torch.float32)
+    # Scales stay on the device until the tensor is done: one copy back and one finiteness check
+    # per tensor, not a GPU sync per chunk (a non-finite chunk's bytes only reach the staging file).
+    scales = torch.empty(s_out.shape, dtype=torch.float32, device=bufs.device)
 
     if scheme.strategy == "tensor":
         # One scale for the whole tensor: a first pass over the chunks finds its amax.
@@ -356,12 +358,13 @@ def _quantize_tensor(bufs, src_fd, src: Header, info: TensorInfo, dst_fd, plan: 
             scale = tensor_scale
         else:
             scale = scale_from_amax(qz.amax(f), dtype)
-            check_finite(scale, info.name)
             first = r0 // scheme.row_multiple()
             scales[first : first + scale.shape[0]].copy_(scale.view(-1, scales.shape[1]))
         q = qz.quantize(f, scale, r, cols)
         _write_fp8(bufs, dst_fd, q, out_start + w_out.begin + r0 * cols)
         report(r * cols * ITEMSIZE[info.dtype])
+    scales = scales.cpu()
+    check_finite(scales, info.name)
     write_at(dst_fd, scales, out_start + s_out.begin)
 
 
@@ -631,7 +634,10 @@ def _convert_all(todo: list[ShardPlan], stage: Path, scheme: Scheme, dev, worker
             tasks = [pool.submit(_run_task, job, infos, *args) for job in jobs for infos in job.tasks]
             try:
                 hashes = [h for t in tasks if (h := t.result()) is not None]
-                return dict(h.result() for h in hashes)
+                converted = time.perf_counter()
+                digests = dict(h.result() for h in hashes)
+                times.seconds["tail_wall"] = time.perf_counter() - converted  # hashing left after the last task
+                return digests
             except BaseException:
                 for t in tasks:  # stop soon: running tasks finish, queued ones are dropped
                     t.cancel()
