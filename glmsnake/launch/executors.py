@@ -84,6 +84,7 @@ class TaskInfo:
     local_rank: int
     node: str
     address: str
+    attempt: int = 0  # Slurm's restart count of the job when this task ran (requeues)
 
 
 @dataclass
@@ -119,6 +120,17 @@ def _atomic_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def attempt() -> int:
+    """How often Slurm has restarted (requeued) the current job: 0 on the first run."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        return 0
+
+
+_ATTEMPT_TAG = re.compile(r"\[attempt (\d+)\]")
+
+
 class _Task:
     """What submitit pickles: sets the distributed env, then calls the user's function."""
 
@@ -138,8 +150,11 @@ class _Task:
             node_rank, local_rank = env.node, env.local_rank
             node = os.environ.get("SLURMD_NODENAME") or env.hostname
             address = addresses.this_node_address(self.interface)
-        job_dir = env.paths.folder
-        info = TaskInfo(rank=rank, node_rank=node_rank, local_rank=local_rank, node=node, address=address)
+        k = attempt()
+        # Rendezvous files of a requeued attempt never mix with those of the one before.
+        job_dir = env.paths.folder if k == 0 else env.paths.folder / f"attempt{k}"
+        job_dir.mkdir(parents=True, exist_ok=True)
+        info = TaskInfo(rank=rank, node_rank=node_rank, local_rank=local_rank, node=node, address=address, attempt=k)
         try:
             rdzv = job_dir / "glmsnake.rendezvous.json"
             if rank == 0:
@@ -164,9 +179,29 @@ class _Task:
             return _TaskOutput(info=info, result=self.fn())
         except BaseException as e:  # noqa: BLE001 - re-raised with where it happened
             raise RuntimeError(
-                f"rank {rank} on node {node} ({address}) failed: {type(e).__name__}: {e}\n"
+                f"rank {rank} on node {node} ({address}) failed [attempt {k}]: {type(e).__name__}: {e}\n"
                 + "".join(traceback.format_exception(e))
             ) from None
+
+
+class _CheckpointableTask(_Task):
+    """A task submitit requeues on USR2 (Slurm's signal before the time limit, or preemption).
+
+    The step resumes by itself (from its own checkpoints), so the requeued job simply runs the
+    same task again. Before the requeue, `fn.on_checkpoint()` (if any) runs on rank 0, e.g.
+    to stop the Ray cluster cleanly while the tasks are still alive.
+    """
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        hook = getattr(self.fn, "on_checkpoint", None)
+        if hook is not None:
+            try:
+                hook()
+            except Exception as e:  # noqa: BLE001 - requeue anyway; the next attempt starts clean
+                print(f"[glmsnake] on_checkpoint failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        print(f"[glmsnake] requeueing job {os.environ.get('SLURM_JOB_ID')} (attempt {attempt()} ends)",
+              file=sys.stderr, flush=True)
+        return submitit.helpers.DelayedSubmission(self)
 
 
 # --------------------------------------------------------------------------- submitting
@@ -187,10 +222,19 @@ def _container_python(wf: "Workflow") -> tuple[str | None, list[str]]:
     return None, []
 
 
+def signal_delay_s(allocation: "Allocation") -> int:
+    """Seconds before the time limit at which Slurm sends USR2: 90, less for very short jobs."""
+    return int(min(90, max(10, allocation.time_min * 60 // 4)))
+
+
 def make_executor(
-    wf: "Workflow", allocation: "Allocation", tasks_per_node: int, name: str, folder: Path
+    wf: "Workflow", allocation: "Allocation", tasks_per_node: int, name: str, folder: Path, max_requeues: int = 0
 ) -> submitit.Executor:
-    """The submitit executor for one multi-node step (Slurm or local, from `wf.user.launcher`)."""
+    """The submitit executor for one multi-node step (Slurm or local, from `wf.user.launcher`).
+
+    `max_requeues` > 0: how often a job that reaches its time limit is requeued (submitit's
+    max_num_timeout; preemptions requeue without limit), for checkpointable tasks.
+    """
     folder = Path(folder)
     if wf.user.launcher == "local":
         ex = submitit.LocalExecutor(folder=folder)
@@ -201,7 +245,7 @@ def make_executor(
         )
         return ex
     python, srun_args = _container_python(wf)
-    ex = submitit.SlurmExecutor(folder=folder, python=python, max_num_timeout=0)
+    ex = submitit.SlurmExecutor(folder=folder, python=python, max_num_timeout=max_requeues)
     s = wf.user.slurm
     params: dict[str, Any] = dict(
         job_name=name,
@@ -210,7 +254,7 @@ def make_executor(
         cpus_per_task=allocation.cpus_per_task,
         time=allocation.time_min,
         mem=f"{allocation.mem_gb}G" if allocation.mem_gb else "0",
-        signal_delay_s=90,
+        signal_delay_s=signal_delay_s(allocation),
         stderr_to_stdout=False,
     )
     if allocation.gpus_per_node:
@@ -321,6 +365,7 @@ class JobRecord(Generic[T]):
     tasks: list[TaskInfo]
     timings: dict[str, float] = field(default_factory=dict)
     folder: str = ""
+    attempts: int = 1  # 1 + how often Slurm requeued the job
 
 
 class _Interrupted(BaseException):
@@ -346,15 +391,22 @@ class _SignalGuard:
             signal.signal(sig, h)
 
 
-def _outcome(job: Any, i: int) -> tuple[str, Any] | None:
+def _outcome(job: Any, i: int, current: int = 0) -> tuple[str, Any] | None:
+    """Task i's result pickle, if it belongs to attempt `current` (a requeued job rewrites them)."""
     sub = job.task(i) if job.num_tasks > 1 else job
     p = sub.paths.result_pickle
     if not p.exists():
         return None
     try:
-        return submitit_utils.pickle_load(p)
+        out = submitit_utils.pickle_load(p)
     except (EOFError, OSError):
         return None
+    if out[0] == "success":
+        k = getattr(getattr(out[1], "info", None), "attempt", 0)
+    else:
+        m = _ATTEMPT_TAG.search(str(out[1]))
+        k = int(m.group(1)) if m else current
+    return out if k == current else None
 
 
 def _log_tail(job: Any, i: int, n: int = 30) -> str:
@@ -368,6 +420,13 @@ def _log_tail(job: Any, i: int, n: int = 30) -> str:
         if lines:
             out.append(f"--- {p}\n" + "\n".join(lines[-n:]))
     return "\n".join(out)
+
+
+def _restarts(job_id: str) -> int | None:
+    try:
+        return int(_scontrol_job(job_id).get("Restarts", ""))
+    except ValueError:
+        return None
 
 
 def _scontrol_job(job_id: str) -> dict[str, str]:
@@ -397,10 +456,12 @@ def wait_job(
     cancelled_for_failure = False
     state: str | None = "PENDING"
     last_q = 0.0
+    current = 0  # Slurm's restart count: the attempt whose results count
+    requeues: list[float] = []
     while True:
         for i in range(n):
             if outcomes[i] is None:
-                outcomes[i] = _outcome(job, i)
+                outcomes[i] = _outcome(job, i, current)
         if all(o is not None for o in outcomes):
             break
         now = time.time()
@@ -415,6 +476,17 @@ def wait_job(
         elif now - last_q >= poll_s * 2 or ended_at is None and now - t0 < 5:
             last_q = now
             state, nodelist = squeue_state(job_id)
+            restarts = _restarts(job_id) if state is not None else None
+            if restarts is not None and restarts > current:
+                # Requeued (submitit's checkpoint on USR2, preemption, `scontrol requeue`): the
+                # job runs again from the start; only the new attempt's results count.
+                current = restarts
+                requeues.append(now)
+                outcomes = [None] * n
+                first_error_at, cancelled_for_failure, ended_at, nodes = None, False, None, []
+                print(f"[glmsnake] job {job_id} was requeued (attempt {current}); waiting for it to run again",
+                      file=sys.stderr, flush=True)
+                continue
             if state == "RUNNING" and not nodes and nodelist:
                 nodes = expand_nodelist(nodelist)
                 timings["running"] = now
@@ -434,6 +506,8 @@ def wait_job(
             break
         time.sleep(poll_s)
     timings["ended"] = time.time()
+    if requeues:
+        timings["requeued"] = requeues[-1]
     if launcher == "local":
         nodes = [f"local{k}" for k in range(n // tasks_per_node)]
 
@@ -479,6 +553,7 @@ def wait_job(
         tasks=[o.info for o in outs],
         timings=timings,
         folder=str(job.paths.folder),
+        attempts=current + 1,
     )
 
 
@@ -503,14 +578,21 @@ def submit_tasks(
     fn: Callable[[], Any],
     name: str,
     log_dir: Path,
+    max_requeues: int = 0,
 ) -> Any:
-    """Submit without waiting; returns the submitit job (see `wait_job`)."""
+    """Submit without waiting; returns the submitit job (see `wait_job`).
+
+    `max_requeues` > 0 makes the job checkpointable: on USR2 (time limit near, preemption)
+    submitit requeues it and it runs `fn` again, which must resume by itself.
+    """
     if tasks_per_node < 1:
         raise GlmsnakeError(f"{name}: tasks_per_node must be >= 1 (got {tasks_per_node})")
     preflight(wf, allocation, name)
     folder = Path(log_dir).absolute() / "submitit" / "%j"
-    ex = make_executor(wf, allocation, tasks_per_node, name, folder)
-    task = _Task(fn, wf.user.launcher, tasks_per_node, wf.user.slurm.network_interface)
+    checkpointable = max_requeues > 0 and wf.user.launcher == "slurm"
+    ex = make_executor(wf, allocation, tasks_per_node, name, folder, max_requeues if checkpointable else 0)
+    cls = _CheckpointableTask if checkpointable else _Task
+    task = cls(fn, wf.user.launcher, tasks_per_node, wf.user.slurm.network_interface)
     return _submit(ex, task)
 
 
@@ -524,10 +606,11 @@ def run_job(
     *,
     on_running: Callable[[str, list[str]], None] | None = None,
     log: Callable[[str], None] | None = None,
+    max_requeues: int = 0,
 ) -> JobRecord[T]:
     """Like `run_tasks`, returning the job id, node list and timings as well."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    job = submit_tasks(wf, allocation, tasks_per_node, fn, name, log_dir)
+    job = submit_tasks(wf, allocation, tasks_per_node, fn, name, log_dir, max_requeues=max_requeues)
     log(f"[glmsnake] {name}: submitted job {job.job_id} ({allocation.nodes} node(s) x {tasks_per_node} task(s), "
         f"launcher={wf.user.launcher}); logs in {job.paths.folder}")
     finished = False
@@ -562,6 +645,7 @@ __all__ = [
     "SlurmRejected",
     "TaskFailed",
     "TaskInfo",
+    "attempt",
     "make_executor",
     "preflight",
     "run_job",

@@ -353,6 +353,10 @@ def ray_task(spec: RaySpec) -> dict[str, Any]:
     address = os.environ.get("GLMSNAKE_NODE_ADDR") or addresses.this_node_address(spec.interface)
     job_dir = Path(os.environ["GLMSNAKE_JOB_DIR"])
     job_id = os.environ.get("GLMSNAKE_JOB_ID", "0")
+    # Our own clients (GCS, Jobs SDK over HTTP) talk to cluster addresses: never via a proxy.
+    for k in PROXY_VARS:
+        os.environ.pop(k, None)
+    os.environ["no_proxy"] = os.environ["NO_PROXY"] = _ray_env(address, "", {})["no_proxy"]
     with _sigterm_raises():
         if rank == 0:
             return _head(spec, node, address, job_dir, job_id)
@@ -386,6 +390,7 @@ def _head(spec: RaySpec, node: str, address: str, job_dir: Path, job_id: str) ->
         # GCS), so the head's start and the joins overlap instead of adding up.
         _write_json(job_dir / "ray.head.json", head_info)
     proc = RayProcess(argv, env, log)
+    _ACTIVE_HEAD.update(proc=proc, job_dir=job_dir, nodes=spec.nodes)
     result: dict[str, Any] = {"role": "head", "node": node, "address": address, "gcs": gcs, "dashboard": dashboard}
     try:
         proc.wait_started(spec.ready_timeout_s)
@@ -530,6 +535,8 @@ def _worker(spec: RaySpec, rank: int, node: str, address: str, job_dir: Path, jo
             cpu.update(proc.cpu_seconds())
             proc.stop()
         t["stopped"] = time.time()
+        with contextlib.suppress(OSError):
+            _write_json(job_dir / f"ray.worker{rank}.stopped.json", {"at": t["stopped"]})
 
 
 # --------------------------------------------------------------------------- entry point
@@ -549,6 +556,7 @@ class JobResult:
     message: str = ""
     ray_nodes: list[dict[str, Any]] = field(default_factory=list)
     cpu: dict[str, dict[str, float]] = field(default_factory=dict)  # Slurm node -> CPU s by Ray process kind
+    attempts: int = 1  # 1 + how often Slurm requeued the job (it resumed each time)
 
 
 def run_ray_job(
@@ -562,6 +570,7 @@ def run_ray_job(
     object_store_mb: int | None = None,
     cpus_per_node: int | None = None,
     ready_timeout_s: float = 300.0,
+    max_requeues: int = 0,
 ) -> JobResult:
     """Allocate, start Ray on every node, run the driver, tear down; the driver's exit code comes back.
 
@@ -590,7 +599,7 @@ def run_ray_job(
             "run with `--profile profiles/slurm`, or use the local trainer backend on one machine",
         )
     t_submit = time.time()
-    rec = executors.run_job(wf, allocation, 1, _RayTaskFn(spec), name, log_dir)
+    rec = executors.run_job(wf, allocation, 1, _RayTaskFn(spec), name, log_dir, max_requeues=max_requeues)
     released = executors.wait_released(rec.job_id)
     t_end = time.time()
     head = rec.results[0]
@@ -620,7 +629,32 @@ def run_ray_job(
         message=str(head.get("message", "")),
         ray_nodes=head.get("ray_nodes", []),
         cpu={r.get("node", f"rank{i}"): r.get("cpu", {}) for i, r in enumerate(rec.results)},
+        attempts=rec.attempts,
     )
+
+
+# The head of the Ray cluster this task runs (rank 0 only): what on_checkpoint stops.
+_ACTIVE_HEAD: dict[str, Any] = {}
+
+
+def stop_for_requeue(wait_s: float = 15.0) -> None:
+    """Rank 0, before submitit requeues the job: end the driver and Ray on every node now.
+
+    Tells the workers the head is done (they stop their raylets and exit), stops the head's
+    Ray session and waits a little for the workers, so that nothing of this attempt is left
+    when Slurm restarts the job. The driver resumes from its last checkpoint next time.
+    """
+    proc, job_dir, n = _ACTIVE_HEAD.get("proc"), _ACTIVE_HEAD.get("job_dir"), _ACTIVE_HEAD.get("nodes", 1)
+    if job_dir is not None:
+        _write_json(Path(job_dir) / "ray.done.json", {"at": time.time(), "why": "requeue"})
+    if proc is not None:
+        proc.stop()
+    if job_dir is not None:
+        deadline = time.time() + wait_s
+        while time.time() < deadline and not all(
+            (Path(job_dir) / f"ray.worker{r}.stopped.json").exists() for r in range(1, n)
+        ):
+            time.sleep(0.2)
 
 
 class _RayTaskFn:
@@ -632,5 +666,10 @@ class _RayTaskFn:
     def __call__(self) -> dict[str, Any]:
         return ray_task(self.spec)
 
+    def on_checkpoint(self) -> None:
+        """Called by executors' checkpointable task on rank 0 before a requeue."""
+        stop_for_requeue()
 
-__all__ = ["JobResult", "RayNodeLost", "RaySpec", "RayStartFailed", "ray_task", "run_ray_job"]
+
+__all__ = ["JobResult", "RayNodeLost", "RaySpec", "RayStartFailed", "ray_task", "run_ray_job", "stop_for_requeue",
+           "temp_dir"]

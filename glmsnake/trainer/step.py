@@ -91,6 +91,11 @@ def versions(run_backend: str, slime_dir: str | None) -> dict[str, str]:
     return out
 
 
+def max_requeues() -> int:
+    """How often a training job that reaches its time limit is requeued (GLMSNAKE_TRAIN_MAX_REQUEUES, 3)."""
+    return int(os.environ.get("GLMSNAKE_TRAIN_MAX_REQUEUES", "3"))
+
+
 def step(wf: Workflow, sentinel: Path, run: str) -> None:
     from glmsnake import recipe, staleness
 
@@ -109,9 +114,13 @@ def step(wf: Workflow, sentinel: Path, run: str) -> None:
             factory = functools.partial(local_driver, str(settings_path))
         else:
             factory = functools.partial(recipe.driver, wf, run, interface=wf.user.slurm.network_interface)
-        res = run_ray_job(wf, r.train.allocation, factory, f"train_{run}", wf.base / "logs" / f"train_{run}")
+        # Checkpointable: Slurm's USR2 before the time limit, or a preemption, requeues the job
+        # and the driver resumes from the latest checkpoint by itself (max_requeues bounds
+        # the time-limit requeues).
+        res = run_ray_job(wf, r.train.allocation, factory, f"train_{run}", wf.base / "logs" / f"train_{run}",
+                          max_requeues=max_requeues())
         job = {"slurm_job_id": res.slurm_job_id, "ray_job_id": res.job_id, "nodes": res.nodes,
-               "gpus": res.gpus, "timings": res.timings, "status": res.status}
+               "gpus": res.gpus, "timings": res.timings, "status": res.status, "attempts": res.attempts}
         rc = res.exit_code
     else:
         if r.train.backend != "local":

@@ -1,0 +1,95 @@
+"""The slime backend's contract, on the loopback Slurm cluster (issue 6), with a stand-in train.py.
+
+The 64xH100 preset's recipe (8 nodes x 8 GPUs, its argument groups) goes through the real
+launcher (`run_ray_job`: submitit -> Ray across 8 Slurm nodes -> Jobs SDK) to
+tests/cluster/slime_stub/train.py copied into a temporary slime_dir. Only the allocation's
+CPUs are lowered to what the test nodes have, and the container (pyxis) is left out.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from glmsnake import config, recipe
+from glmsnake.launch import jobs
+from glmsnake.launch.ray_cluster import run_ray_job
+
+pytestmark = pytest.mark.slurm
+STUB = Path(__file__).resolve().parent / "slime_stub" / "train.py"
+
+
+def _wf(tmp_path: Path, **run_overrides) -> config.Workflow:
+    slime, megatron = tmp_path / "slime", tmp_path / "Megatron-LM"
+    slime.mkdir(exist_ok=True)
+    megatron.mkdir(exist_ok=True)
+    shutil.copy(STUB, slime / "train.py")
+    run = {
+        "train": {"slime_dir": str(slime), "megatron_dir": str(megatron), "save_interval": 2,
+                  "allocation": {"cpus_per_task": 1, "exclusive": False, "time_min": 30, "min_time_min": 2}},
+        "rollout": {"num_rollout": 6},
+    }
+    for k, v in run_overrides.items():
+        run[k] = {**run.get(k, {}), **v}
+    return config.load({"base_dir": str(tmp_path / "base"), "launcher": "slurm", "preset": "glm4.7-355b-64xh100",
+                        "slurm": {"partition": "debug"}, "runs": {"default": run},
+                        "overrides": {"container": {"runtime": "none"}}})  # no pyxis on the test nodes
+
+
+def test_slime_driver_contract_on_8_nodes(slurm_cluster, tmp_path, monkeypatch):
+    # A proxy in the submitting environment must not reach the driver.
+    for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(k, "http://127.0.0.1:9")
+    wf = _wf(tmp_path)
+    run = wf.runs["default"]
+    assert run.train.backend == "slime" and run.train.allocation.nodes == 8 and run.train.allocation.gpus_per_node == 8
+    log = tmp_path / "train.log"
+    factory = functools.partial(recipe.driver, wf, "default", interface="lo")
+    r = run_ray_job(wf, run.train.allocation, factory, "train_default", tmp_path / "logs", log, object_store_mb=128)
+    text = log.read_text()
+    assert r.exit_code == 0, text[-3000:]
+    assert r.nodes == [f"node{k}" for k in range(1, 9)] and r.gpus == 64
+
+    rec = json.loads((wf.run_dir("default") / "slime_stub_record.json").read_text())
+    head = rec["env"]["MASTER_ADDR"]
+    want = recipe.driver(wf, "default", head, interface="lo")
+    # The whole command line: what the Jobs SDK ran, and what train.py received.
+    m = re.search(r"submitted to http://\S+: (.*)$", text, re.M)
+    assert m and m.group(1) == jobs.entrypoint(want.argv, want.cwd)
+    assert want.argv[:2] == ["python3", "train.py"] and rec["argv0"] == "train.py" and rec["argv"] == want.argv[2:]
+    argv = rec["argv"]
+    assert argv[:5] == ["--actor-num-nodes", "8", "--actor-num-gpus-per-node", "8", "--colocate"]
+    # Every argument group of the preset, in slime's order.
+    flat = [a for g in recipe.groups(wf, "default").values() for a in g]
+    assert argv[5:] == flat
+    for flag, value in [("--num-layers", "92"), ("--hidden-size", "5120"), ("--num-experts", "160"),
+                        ("--tensor-model-parallel-size", "8"), ("--pipeline-model-parallel-size", "4"),
+                        ("--expert-model-parallel-size", "16"), ("--rollout-batch-size", "128"),
+                        ("--ref-load", str(wf.torch_dist_dir)), ("--hf-checkpoint", str(wf.hf_dir)),
+                        ("--load", str(wf.run_dir("default") / "checkpoints")),
+                        ("--save", str(wf.run_dir("default") / "checkpoints")), ("--save-interval", "2")]:
+        assert argv[argv.index(flag) + 1] == value, flag
+    # Runtime env (design section 3).
+    env = rec["env"]
+    assert head == "127.0.0.11" and rec["ray"]["node_ips"][0] == head
+    assert {env[k] for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")} == {None}
+    assert set(env["no_proxy"].split(",")) >= {"localhost", "127.0.0.1", head}
+    assert env["GLOO_SOCKET_IFNAME"] == env["TP_SOCKET_IFNAME"] == env["NCCL_SOCKET_IFNAME"] == "lo"
+    assert env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1" and env["NVSHMEM_DISABLE_NCCL"] == "1"
+    assert env["NCCL_NVLS_ENABLE"] == "0"
+    assert str(run.train.megatron_dir) in env["PYTHONPATH"].split(":")
+    assert rec["cwd"] == str(run.train.slime_dir)
+    # The Ray cluster it saw: all 8 nodes and 64 GPUs.
+    assert rec["ray"]["nodes"] == 8 and rec["ray"]["gpus"] == 64
+    assert rec["ray"]["node_ips"] == [f"127.0.0.{10 + k}" for k in range(1, 9)]
+    # Megatron's checkpoint layout (iteration = rollout id; every save_interval and the last).
+    ck = wf.run_dir("default") / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == [
+        "iter_0000001", "iter_0000003", "iter_0000005", "latest_checkpointed_iteration.txt"]
+    assert (ck / "latest_checkpointed_iteration.txt").read_text() == "5"
+    assert rec["start_rollout_id"] == 0
