@@ -220,9 +220,9 @@ def kernel_build_seconds() -> str:
 
 def phase_line(r: dict) -> str:
     phases = dict(r["phases"])
-    tail = phases.pop("tail_wall", None)
+    walls = {k.removesuffix("_wall"): phases.pop(k) for k in list(phases) if k.endswith("_wall")}
     text = str({k: round(v, 2) for k, v in phases.items()})
-    return text + (f"; hashing left after the last task: {tail:.2f} s wall" if tail is not None else "")
+    return text + ("; wall s: " + str({k: round(v, 2) for k, v in walls.items()}) if walls else "")
 
 
 def same_shards(a: Path, b: Path) -> bool:
