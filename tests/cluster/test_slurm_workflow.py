@@ -1,0 +1,198 @@
+"""`snakemake --profile slurm ...` on the loopback Slurm cluster (issues 5 and 6).
+
+One base folder for the module: `torch_dist` first (download_hf through the slurm executor
+plugin, the 2-node conversion through submitit), then `train` (the whole DAG, the 8-node
+training job with the local backend), then a second run whose 2-node training job Slurm
+signals (USR2, as before a time limit or at preemption): submitit requeues it, it comes
+back by itself, resumes from its last checkpoint and finishes.
+
+The profile is found by name, as the README says (`glmsnake` links the repo's profiles into
+the user's Snakemake config folder; here a temporary XDG_CONFIG_HOME).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from glmsnake.profiles import install_profiles
+
+pytestmark = pytest.mark.slurm
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))
+from conftest import snakemake  # noqa: E402
+
+SHORT = "{default: {rollout: {num_rollout: 4}, train: {save_interval: 2}}}"
+# A second run for the requeue test: 2 nodes, long enough to be signalled mid-run.
+WITH_RQ = ("{default: {rollout: {num_rollout: 4}, train: {save_interval: 2}}, "
+           "rq: {rollout: {num_rollout: 160}, train: {save_interval: 8, allocation: {nodes: 2}}}}")
+
+
+def _scontrol(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True).stdout
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def _plugin_jobs(output: str) -> dict[str, str]:
+    """{rule: Slurm job id} of the jobs the executor plugin submitted."""
+    return {m[1]: m[0] for m in re.findall(r"submitted with SLURM jobid (\d+) \(log: \S*/rule_(\w+)/", output)}
+
+
+@pytest.fixture(scope="module")
+def wf_env(slurm_cluster, tmp_path_factory):
+    xdg = tmp_path_factory.mktemp("xdg")
+    install_profiles(xdg / "snakemake")
+    return {"XDG_CONFIG_HOME": str(xdg)}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("wf")
+
+
+def _args(base: Path, target: str, runs: str = SHORT) -> list[str]:
+    return ["--profile", "slurm", target, "--slurm-init-seconds-before-status-checks", "1",
+            "--config", "launcher=slurm", f"base_dir={base / 'base'}", "slurm={partition: debug}", f"runs={runs}"]
+
+
+@pytest.fixture(scope="module")
+def torch_dist_run(wf_env, base):
+    t0 = time.time()
+    out = snakemake(base, *_args(base, "torch_dist"), env=wf_env).stdout
+    return out, time.time() - t0
+
+
+def test_profile_torch_dist_two_nodes(slurm_cluster, torch_dist_run, base):
+    out, seconds = torch_dist_run
+    print(f"snakemake --profile slurm torch_dist: {seconds:.1f} s")
+    # Single-node rules went through the executor plugin, with the profile's resources.
+    plugin = _plugin_jobs(out)
+    assert set(plugin) == {"download_hf"}, out[-3000:]
+    job = _scontrol(plugin["download_hf"])
+    assert job["JobState"] == "COMPLETED" and job["Partition"] == "debug" and job["NumNodes"] == "1"
+    assert job["TimeLimit"] == "01:00:00" and job["MinMemoryNode"] == "4000M" and job["CPUs/Task"] == "2"
+    assert "localrule convert_torch_dist" in out
+    # The conversion: one 2-node Slurm job, a writer rank on each node.
+    s = json.loads((base / "base" / "tiny-glm4moe_torch_dist" / "glmsnake.done.json").read_text())
+    jid, nodes = s["job"]["job_id"], s["job"]["nodes"]
+    assert len(nodes) == 2 and len(set(nodes)) == 2
+    job = _scontrol(jid)
+    assert job["JobState"] == "COMPLETED" and job["NumNodes"] == "2" and job["NumTasks"] == "2"
+    assert subprocess.run(["scontrol", "show", "hostnames", job["NodeList"]], capture_output=True,
+                          text=True).stdout.split() == nodes
+    folder = base / "base" / "logs" / "convert_torch_dist" / "submitit" / jid
+    ranks = {}
+    for r in range(2):
+        status, res = pickle.loads((folder / f"{jid}_{r}_result.pkl").read_bytes())
+        assert status == "success"
+        ranks[res.info.rank] = res.info.node
+    assert [ranks[0], ranks[1]] == nodes  # writer rank r ran on the job's r-th node
+    assert s["writers"] == 2 and {"__0_0.distcp", "__1_0.distcp"} <= set(s["files"])
+    release = base / "base" / "tiny-glm4moe_torch_dist" / "release"
+    assert (release / "__0_0.distcp").stat().st_size > 0 and (release / "__1_0.distcp").stat().st_size > 0
+    assert (base / "base" / "tiny-glm4moe_torch_dist" / "latest_checkpointed_iteration.txt").read_text() == "release"
+
+
+@pytest.fixture(scope="module")
+def train_run(wf_env, base, torch_dist_run):
+    t0 = time.time()
+    out = snakemake(base, *_args(base, "train"), env=wf_env).stdout
+    return out, time.time() - t0
+
+
+def test_profile_train_whole_dag_8_nodes(slurm_cluster, train_run, base):
+    out, seconds = train_run
+    print(f"snakemake --profile slurm train (after torch_dist): {seconds:.1f} s")
+    assert "localrule convert_torch_dist" not in out  # done before, not rerun
+    assert set(_plugin_jobs(out)) == {"download_dataset"}
+    assert "localrule train_run" in out
+    s = json.loads((base / "base" / "runs" / "default" / "glmsnake.done.json").read_text())
+    assert s["final_iteration"] == 3 and s["checkpoints"] == [1, 3] and s["backend"] == "local"
+    job = s["job"]
+    assert job["nodes"] == [f"node{k}" for k in range(1, 9)] and job["gpus"] == 64 and job["attempts"] == 1
+    assert _scontrol(job["slurm_job_id"])["JobState"] == "COMPLETED"
+    assert s["metrics_summary"]["rollouts"] == 4
+    rows = [json.loads(x) for x in (base / "base" / "runs" / "default" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rollout_id"] for r in rows if "rollout_id" in r and r.get("kind") != "eval"] == [0, 1, 2, 3]
+    assert (base / "base" / "runs" / "default" / "train_curves.png").stat().st_size > 0
+    print("train timings:", json.dumps(job["timings"]))
+    assert slurm_cluster.leftovers() == []
+    assert set(slurm_cluster.node_states().values()) == {"idle"}
+
+
+def _rollout_ids(metrics: Path) -> list[int]:
+    if not metrics.exists():
+        return []
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    return [r["rollout_id"] for r in rows if "rollout_id" in r and r.get("kind") != "eval"]
+
+
+def _iters(ck: Path) -> list[int]:
+    return sorted(int(p.name[5:]) for p in ck.glob("iter_*")) if ck.is_dir() else []
+
+
+def test_requeue_comes_back_by_itself_and_resumes(slurm_cluster, wf_env, base, train_run):
+    """USR2 (Slurm's warning before the time limit / at preemption) mid-run: submitit requeues the
+    job, Slurm restarts it, the trainer resumes from its last checkpoint and Snakemake sees success."""
+    run_dir = base / "base" / "runs" / "rq"
+    ck, metrics = run_dir / "checkpoints", run_dir / "metrics.jsonl"
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(base),
+           "--configfile", str(REPO / "config" / "config.yaml"), "--cores", "2", *_args(base, "train", WITH_RQ)]
+    log = open(base / "rq.snakemake.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **wf_env})
+    try:
+        # Wait until the job trains and has saved at least one checkpoint, then signal it.
+        deadline = time.time() + 240
+        job_id = None
+        while time.time() < deadline and proc.poll() is None:
+            if job_id is None:
+                q = subprocess.run(["squeue", "-h", "-n", "train_rq", "-o", "%i %T"], capture_output=True,
+                                   text=True).stdout.split()
+                job_id = q[0] if q and q[1] == "RUNNING" else None
+            if job_id and _iters(ck) and len(_rollout_ids(metrics)) >= 12:
+                break
+            time.sleep(0.3)
+        assert job_id and _iters(ck), (base / "rq.snakemake.log").read_text()[-3000:]
+        before_iters, before_ids = _iters(ck), _rollout_ids(metrics)
+        assert before_ids[-1] < 159, "the run finished before it could be signalled; make it longer"
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+        # Slurm holds a requeued job for 120 s (BeginTime); an operator releasing it now.
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            j = _scontrol(job_id)
+            if j.get("Restarts") == "1" and j.get("JobState") == "PENDING":
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+                break
+            time.sleep(0.3)
+        else:
+            pytest.fail(f"job {job_id} was not requeued: {_scontrol(job_id)}")
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=60)
+        log.close()
+    out = (base / "rq.snakemake.log").read_text()
+    assert rc == 0, out[-4000:]
+    j = _scontrol(job_id)
+    assert j["Restarts"] == "1" and j["JobState"] == "COMPLETED"
+    s = json.loads((run_dir / "glmsnake.done.json").read_text())
+    assert s["final_iteration"] == 159 and s["job"]["attempts"] == 2 and s["job"]["slurm_job_id"] == job_id
+    # Resumed, not restarted: a second driver start that loaded the latest checkpoint of attempt 1.
+    driver_log = (base / "base" / "logs" / "train_rq" / "train_rq.driver.log").read_text()
+    resumed = [int(x) for x in re.findall(r"resuming from iter (\d+)", driver_log)]
+    assert len(resumed) == 1, driver_log[-3000:]
+    assert resumed[0] >= before_iters[-1]  # never older than what existed when signalled
+    assert resumed[0] >= before_ids[-1] - 8  # lost at most one save interval
+    # No checkpoint was deleted; metrics continue (each rollout once, in order).
+    assert set(before_iters) <= set(_iters(ck))
+    assert _rollout_ids(metrics) == list(range(160))
+    assert slurm_cluster.leftovers() == []
