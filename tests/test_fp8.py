@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fp8_reference import dequant_error_ok, expand_scale, reference_quantize
 
 from glmsnake import atomic, config, staleness
-from glmsnake.convert import fp8
+from glmsnake.convert import fp8, fp8_math
 from glmsnake.convert.tiny import make_tiny
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -104,10 +104,17 @@ def write_model(dir: Path, tensors: dict[str, torch.Tensor], shards: int = 1) ->
     return dir
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["c-kernel", "torch-ops"])
 @pytest.mark.parametrize("strategy,block", [("block", (32, 32)), ("block", (128, 128)), ("block", (16, 48)),
                                             ("channel", (128, 128)), ("tensor", (128, 128))])  # fmt: skip
-def test_fast_path_is_bit_identical_to_reference(tmp_path, strategy, block, monkeypatch):
+def test_fast_path_is_bit_identical_to_reference(tmp_path, strategy, block, native, monkeypatch):
+    """Both CPU paths: the C kernel (bf16 weights, block/channel) and the torch ops (everything else)."""
+    if native and fp8_math.native_kernel() is None:
+        pytest.skip(f"no C kernel here: {fp8_math.native_kernel_error()}")
+    if not native:
+        monkeypatch.setenv("GLMSNAKE_FP8_NATIVE", "0")
     monkeypatch.setattr(fp8, "TASK_BYTES", 1 << 16)  # split shards into many tasks that write one file at once
+    monkeypatch.setattr(fp8, "NATIVE_CHUNK_BYTES", 1 << 14)  # and tensors into several chunks
     tensors = {}
     for i, (r, c) in enumerate(SHAPES):
         tensors[f"model.layers.{i}.self_attn.q_proj.weight"] = adversarial(r, c, torch.bfloat16, seed=i)
@@ -140,6 +147,65 @@ def test_fast_path_is_bit_identical_to_reference(tmp_path, strategy, block, monk
         save_file({k: expected_files[k] for k, s in index["weight_map"].items() if s == shard}, ref_path,
                   metadata={"format": "pt"})  # fmt: skip
         assert (tmp_path / "out" / shard).read_bytes() == ref_path.read_bytes()
+
+
+# ---------------------------------------------------------------- the C kernel against torch, value by value
+
+
+@pytest.fixture
+def kernel():
+    k = fp8_math.native_kernel()
+    if k is None:
+        pytest.skip(f"no C kernel here: {fp8_math.native_kernel_error()}")
+    return k
+
+
+def test_kernel_conversion_equals_torch_cast_on_float32_bit_patterns(kernel):
+    """e4m3fn(clamp(x)) for a lattice over all 2^32 patterns (NaN, Inf, subnormals, ties) and random ones.
+
+    (The whole 2^32 space was checked once, 0 mismatches; too slow for every test run.)
+    """
+    g = torch.Generator().manual_seed(0)
+    lattice = torch.arange(0, 1 << 32, 4093, dtype=torch.int64)
+    rand = torch.randint(0, 1 << 32, (1 << 20,), generator=g, dtype=torch.int64)
+    for patterns in (lattice, rand):
+        x = (patterns - (patterns >= (1 << 31)).long() * (1 << 32)).to(torch.int32).view(torch.float32)
+        want = x.clamp(-448.0, 448.0).to(FP8_DTYPE).view(torch.uint8)
+        assert torch.equal(kernel.convert_f32(x).view(torch.uint8), want)
+
+
+@pytest.mark.parametrize("vector", [True, False], ids=["avx2", "scalar"])
+def test_kernel_equals_reference_on_adversarial_weights(kernel, vector):
+    if vector and not kernel.vector:
+        pytest.skip("this CPU has no AVX2")
+    fp8_math._self_check(kernel)  # every finite bf16 value, in groups of 1, 128 and 4099
+    for i, (rows, cols) in enumerate([*SHAPES, (300, 1000)]):
+        w = adversarial(rows, cols, torch.bfloat16, seed=100 + i)
+        for strategy, block in (("block", (128, 128)), ("block", (16, 48)), ("channel", (128, 128))):
+            q_ref, s_ref = reference_quantize(w, strategy, block)
+            g0, g1 = block if strategy == "block" else (1, cols)
+            s = torch.empty(s_ref.numel(), dtype=torch.float32)
+            q = torch.empty(rows, cols, dtype=FP8_DTYPE)
+            assert kernel.quantize(w, g0, g1, s, q.view(torch.uint8), vector=vector)
+            assert torch.equal(bits(q), bits(q_ref)) and torch.equal(bits(s.view(s_ref.shape)), bits(s_ref))
+    w = adversarial(64, 64, torch.bfloat16, seed=1)
+    w[3, 3] = float("inf")
+    assert not kernel.quantize(w, 32, 32, torch.empty(4), torch.empty(64, 64, dtype=torch.uint8), vector=vector)
+
+
+def test_without_a_compiler_torch_ops_do_the_math(tmp_path, monkeypatch):
+    monkeypatch.setattr(fp8_math, "_native", {})  # forget this process's kernel
+    monkeypatch.setenv("GLMSNAKE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setattr(fp8_math.shutil, "which", lambda name: None)
+    assert fp8_math.native_kernel() is None and "no C compiler" in fp8_math.native_kernel_error()
+    w = adversarial(130, 260, torch.bfloat16, seed=3)
+    src = write_model(tmp_path / "in", {"model.layers.0.mlp.up_proj.weight": w})
+    fp8.convert(src, tmp_path / "out", workers=1, device="cpu", log=io.StringIO())
+    out = read_all(tmp_path / "out" / "model-00001-of-00001.safetensors")
+    q_ref, s_ref = reference_quantize(w, "block")
+    assert torch.equal(bits(out["model.layers.0.mlp.up_proj.weight"]), bits(q_ref))
+    assert torch.equal(bits(out["model.layers.0.mlp.up_proj.weight_scale_inv"]), bits(s_ref))
 
 
 # ---------------------------------------------------------------- the tiny checkpoint: what a user gets
