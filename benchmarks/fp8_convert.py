@@ -10,6 +10,13 @@ baseline does what slime's public tool does: load a whole shard, run whole-tenso
 float32 torch ops, save_file. Outputs must be byte-identical. The plain file-read
 bandwidth of the same files (one sequential pass, page cache warm, as for both
 converters) is measured in the same run as the ceiling.
+
+On a CPU glmsnake uses its C kernel (fp8_math), compiled once per machine and
+cached: the run reports that one-time build and the load separately; the timed
+runs load the cached library. Per-phase seconds are summed over threads; the
+"wall" figures are setup, the hashing left after the last conversion task
+(one shard's sha256, which cannot start before the shard is complete) and finish.
+On a shared machine prefer --repeat and the CPU seconds.
 """
 
 from __future__ import annotations

@@ -6,7 +6,10 @@ config), checks the input and the destination before writing anything, then
 converts in parallel on a bounded thread pool whose tasks are ~64 MB groups of
 a shard's tensors (several tasks pwrite into one shard file at planned offsets),
 tensor by tensor and chunk by chunk (fp8_safetensors.py), so memory stays a few
-MB per worker whatever the shard size; a second pool hashes finished shards. Output goes to the staging folder `.<save_dir>.partial`
+MB per worker whatever the shard size; a second pool hashes finished shards.
+On a CPU, bf16 weights go through fp8_math's C kernel (one pass over the bf16
+bytes per chunk: scales and fp8 in one call, without the GIL); other dtypes,
+the per-tensor strategy and GPUs use torch ops. Output goes to the staging folder `.<save_dir>.partial`
 and is renamed to `save_dir` when complete; each finished shard leaves a
 `.<shard>.ok.json` record there, so a rerun after a kill re-verifies (sha256)
 and skips it.

@@ -445,10 +445,13 @@ def _build_kernel() -> Path:
     key = hashlib.sha256("\0".join([KERNEL_SOURCE, " ".join(cc + flags), version, platform.machine()]).encode())
     name = f"fp8_kernel-{key.hexdigest()[:16]}.so"
     for cache in (_cache_dir(), Path(tempfile.gettempdir()) / f"glmsnake-{os.getuid()}"):
-        if (cache / name).is_file():
-            return cache / name
         try:
-            cache.mkdir(parents=True, exist_ok=True)
+            cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = cache.stat()
+            if st.st_uid != os.getuid() or st.st_mode & 0o022:
+                continue  # a folder others can write to could hand us their library: never load from it
+            if (cache / name).is_file():
+                return cache / name
             with tempfile.TemporaryDirectory(dir=cache) as tmp:
                 c_file = Path(tmp) / "fp8_kernel.c"
                 c_file.write_text(KERNEL_SOURCE)
