@@ -297,9 +297,13 @@ AVX2 static inline __m256i quant8_avx2(const uint16_t *x, __m256 d) {
     __m256i a = _mm256_min_epi32(_mm256_and_si256(b, absmask), top);
     __m256i nor = _mm256_srli_epi32(
         _mm256_add_epi32(_mm256_add_epi32(a, bias), _mm256_and_si256(_mm256_srli_epi32(a, 20), one)), 20);
-    __m256i den = _mm256_sub_epi32(
-        _mm256_castps_si256(_mm256_add_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(dmask))), dmask);
-    return _mm256_or_si256(_mm256_blendv_epi8(nor, den, _mm256_cmpgt_epi32(small, a)), sign);
+    __m256i tiny = _mm256_cmpgt_epi32(small, a);
+    if (!_mm256_testz_si256(tiny, tiny)) { /* some |q| < 2^-6: e4m3 subnormals, rounded by the FPU */
+        __m256i den = _mm256_sub_epi32(
+            _mm256_castps_si256(_mm256_add_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(dmask))), dmask);
+        nor = _mm256_blendv_epi8(nor, den, tiny);
+    }
+    return _mm256_or_si256(nor, sign);
 }
 
 AVX2 static inline void quant_span_avx2(const uint16_t *x, uint8_t *q, int64_t n, float scale) {
