@@ -432,13 +432,14 @@ def test_killed_run_leaves_nothing_finished_and_rerun_resumes(tmp_path):
     assert result.shards == clean.shards  # the resumed output is the same bytes as an uninterrupted one
 
 
-def test_failed_run_leaves_nothing_that_looks_finished(tmp_path):
+def test_failed_run_leaves_nothing_that_looks_finished(tmp_path, capsys):
     good = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(64, 64).to(torch.bfloat16) for i in range(3)}
     bad = torch.randn(64, 64)
     bad[3, 3] = float("nan")
     src = write_model(tmp_path / "in", {**good, "model.layers.9.mlp.down_proj.weight": bad.to(torch.bfloat16)}, 4)
     save = tmp_path / "out"
     assert fp8.main(["--model-dir", str(src), "--save-dir", str(save), "--workers", "1", "--device", "cpu"]) == 2
+    assert "model.layers.9.mlp.down_proj.weight holds NaN or Inf" in capsys.readouterr().err
     assert not save.exists()
     stage = atomic.temp_dir_for(save)
     assert len(list(stage.glob(".*.ok.json"))) == 3  # the good shards are kept for the rerun

@@ -9,8 +9,8 @@ tensor by tensor and chunk by chunk (fp8_safetensors.py), so memory stays a few
 MB per worker whatever the shard size; a second pool hashes finished shards.
 On a CPU, bf16 weights go through fp8_math's C kernel (one pass over the bf16
 bytes per chunk: scales and fp8 in one call, without the GIL); other dtypes,
-the per-tensor strategy and GPUs use torch ops. Output goes to the staging folder `.<save_dir>.partial`
-and is renamed to `save_dir` when complete; each finished shard leaves a
+the per-tensor strategy and GPUs use torch ops. Output goes to the staging
+folder `.<save_dir>.partial` and is renamed to `save_dir` when complete; each finished shard leaves a
 `.<shard>.ok.json` record there, so a rerun after a kill re-verifies (sha256)
 and skips it.
 """
@@ -42,6 +42,7 @@ from glmsnake.convert.fp8_math import (
     ceil_div,
     check_finite,
     native_kernel,
+    nonfinite_error,
     scale_from_amax,
 )
 from glmsnake.convert.fp8_safetensors import (
@@ -291,7 +292,7 @@ def _read_rows(bufs: _Buffers, fd: int, info: TensorInfo, data_start: int, r0: i
 def _write_fp8(bufs: _Buffers, fd: int, q: torch.Tensor, offset: int) -> None:
     t = bufs.mark  # since the chunk was read: quantizing (and on a GPU the copies there and back)
     if bufs.device.type == "cuda" or not q.is_contiguous():
-        host = bufs.host("out", q.numel())[: q.numel()].view(FP8).view(q.shape)  # (its first allocation: alloc too)
+        host = bufs.host("out", q.numel())[: q.numel()].view(FP8).view(q.shape)
         host.copy_(q, non_blocking=True)
         if bufs.stream is not None:
             bufs.stream.synchronize()
@@ -324,10 +325,10 @@ def _quantize_tensor_native(kernel, bufs, src_fd, src: Header, info: TensorInfo,
         t = time.perf_counter()
         raw = read_into(src_fd, in_buf, src.data_start + info.begin + r0 * row_bytes, r * row_bytes)
         t = bufs.times.add("read", t)
-        q = out_buf[: r * cols]
-        first = r0 // g0
-        if not kernel.quantize(raw.view(torch.bfloat16).view(r, cols), g0, g1, scales[first : first + ceil_div(r, g0)], q):
-            check_finite(torch.tensor(float("nan")), info.name)  # raises: a group holds Inf or NaN
+        q, first = out_buf[: r * cols], r0 // g0
+        chunk_scales = scales[first : first + ceil_div(r, g0)]
+        if not kernel.quantize(raw.view(torch.bfloat16).view(r, cols), g0, g1, chunk_scales, q):
+            raise nonfinite_error(info.name)
         t = bufs.times.add("compute", t)
         write_at(dst_fd, q, out_start + w_out.begin + r0 * cols)
         bufs.times.add("write", t)

@@ -198,12 +198,16 @@ class ChunkQuantizer:
         return q[:r, :c]
 
 
+def nonfinite_error(name: str) -> GlmsnakeError:
+    return GlmsnakeError(
+        f"tensor {name} holds NaN or Inf values; it cannot be quantized",
+        "check the source checkpoint (a corrupt download or a diverged training run)",
+    )
+
+
 def check_finite(scale: torch.Tensor, name: str) -> None:
     if not bool(torch.isfinite(scale).all()):
-        raise GlmsnakeError(
-            f"tensor {name} holds NaN or Inf values; it cannot be quantized",
-            "check the source checkpoint (a corrupt download or a diverged training run)",
-        )
+        raise nonfinite_error(name)
 
 
 # ---------------------------------------------------------------- the native CPU kernel
