@@ -557,6 +557,15 @@ def wait_job(
     )
 
 
+RELEASE_GRACE_S = float(os.environ.get("GLMSNAKE_RELEASE_GRACE_S", "10"))
+
+
+def _released(job_id: str, timeout: float) -> bool:
+    wait_released(job_id, timeout)
+    state, _ = squeue_state(job_id)
+    return state is None or state in TERMINAL
+
+
 def wait_released(job_id: str, timeout: float = 60.0) -> float:
     """Block until Slurm no longer holds the job's nodes; returns the seconds waited."""
     t0 = time.time()
@@ -621,6 +630,12 @@ def run_job(
         return rec
     except TaskFailed:
         finished = True
+        if wf.user.launcher == "slurm":
+            # Hand the allocation back before reporting: tasks that are still exiting get a
+            # moment, then the job is cancelled.
+            if not _released(job.job_id, RELEASE_GRACE_S):
+                job.cancel(check=False)
+                _released(job.job_id, 30.0)
         raise
     finally:
         if not finished:
