@@ -21,6 +21,7 @@ the job. Job state comes from `squeue` (no accounting database needed), never `s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -57,6 +58,10 @@ TERMINAL = {
     "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
     "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT", "SPECIAL_EXIT", "REVOKED",
 }
+
+
+# Job states in which Slurm itself ended the job: named first in the error.
+SLURM_ENDED = ("TIMEOUT", "PREEMPTED", "NODE_FAIL", "DEADLINE", "OUT_OF_MEMORY", "BOOT_FAIL")
 
 
 class TaskFailed(GlmsnakeError):
@@ -150,6 +155,12 @@ class _Task:
             node_rank, local_rank = env.node, env.local_rank
             node = os.environ.get("SLURMD_NODENAME") or env.hostname
             address = addresses.this_node_address(self.interface)
+        if self.launcher == "slurm" and not hasattr(self, "checkpoint"):
+            # Not checkpointable: Slurm's early USR2 (before the time limit) must not end the
+            # step early (submitit would raise); the step keeps its whole time limit.
+            with contextlib.suppress(ValueError):  # not the main thread
+                signal.signal(signal.SIGUSR2, lambda *_: print("[glmsnake] USR2 ignored (step is not requeueable)",
+                                                                file=sys.stderr, flush=True))
         k = attempt()
         # Rendezvous files of a requeued attempt never mix with those of the one before.
         job_dir = env.paths.folder if k == 0 else env.paths.folder / f"attempt{k}"
@@ -536,8 +547,18 @@ def wait_job(
         detail = "\n\n".join(
             f"[rank {f['rank']} on node {f['node']}]\n{f['error']}\n{f['log']}".rstrip() for f in failures[:4]
         )
+        ended = ""
+        if launcher == "slurm":
+            info = _scontrol_job(job_id)
+            deadline = time.time() + 10  # the job may still be completing: its final state is the cause
+            while info.get("JobState") in ("RUNNING", "COMPLETING", "CONFIGURING") and time.time() < deadline:
+                time.sleep(0.5)
+                info = _scontrol_job(job_id)
+            if info.get("JobState") in SLURM_ENDED:
+                ended = (f"Slurm ended job {job_id}: {info['JobState']} (time limit {info.get('TimeLimit', '?')}, "
+                         f"ran {info.get('RunTime', '?')}); ")
         raise TaskFailed(
-            f"job {job_id}: {len(failures)} of {n} task(s) failed; first: {first_line}\n{detail}",
+            f"{ended}job {job_id}: {len(failures)} of {n} task(s) failed; first: {first_line}\n{detail}",
             failures=failures, job_id=job_id,
         )
     outs = [o[1] for o in outcomes]  # type: ignore[index]

@@ -98,6 +98,16 @@ def _session_members(sid: int) -> list[int]:
     return out
 
 
+def _ignore_usr2() -> None:
+    """In the forked child before exec: Ray's processes (and the driver) ignore SIGUSR2.
+
+    Slurm sends `--signal=USR2@T` (submitit's warning before the time limit) to every process
+    of the job step, and USR2's default action kills; an ignored disposition survives exec.
+    Rank 0's submitit handler decides what happens (requeue, or nothing), then stops Ray itself.
+    """
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 class RayProcess:
     """One `ray start --block` we started, in its own session; stops exactly that session."""
 
@@ -106,7 +116,7 @@ class RayProcess:
         self.log = log
         self.out = open(log, "ab", buffering=0)
         self.p = subprocess.Popen(argv, env=env, stdout=self.out, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, start_new_session=True)
+                                  stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_ignore_usr2)
 
     @property
     def pid(self) -> int:

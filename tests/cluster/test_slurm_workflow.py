@@ -196,3 +196,38 @@ def test_requeue_comes_back_by_itself_and_resumes(slurm_cluster, wf_env, base, t
     assert set(before_iters) <= set(_iters(ck))
     assert _rollout_ids(metrics) == list(range(160))
     assert slurm_cluster.leftovers() == []
+
+
+def test_time_limit_ends_training_and_the_rerun_resumes(slurm_cluster, wf_env, base, train_run):
+    """A 1-minute Slurm time limit ends a (non-requeueing) training job mid-run; Snakemake reports
+    the failure; the rerun resumes from the last checkpoint: iteration and metrics continue, no
+    checkpoint is deleted, at most one save interval is lost."""
+    run_dir = base / "base" / "runs" / "tl"
+    ck, metrics = run_dir / "checkpoints", run_dir / "metrics.jsonl"
+    alloc = "allocation: {nodes: 2, time_min: 1, min_time_min: 1}"
+    long_run = f"{{default: {{rollout: {{num_rollout: 4}}, train: {{save_interval: 2}}}}, " \
+               f"tl: {{rollout: {{num_rollout: 5000}}, train: {{save_interval: 8, {alloc}}}}}}}"
+    env = {**wf_env, "GLMSNAKE_TRAIN_MAX_REQUEUES": "0"}  # the time limit ends it: no requeue
+    t0 = time.time()
+    first = snakemake(base, *_args(base, "train", long_run), env=env, check=False)
+    print(f"time-limited attempt: {time.time() - t0:.1f} s")
+    assert first.returncode != 0
+    assert re.search(r"TIMEOUT|timed-out", first.stdout), first.stdout[-4000:]
+    assert not (run_dir / "glmsnake.done.json").exists()
+    cut_iters, cut_ids = _iters(ck), _rollout_ids(metrics)
+    assert cut_iters and cut_ids and cut_ids[-1] < 4999, first.stdout[-3000:]
+    assert slurm_cluster.leftovers() == []
+    # The rerun (a longer limit, and a run that ends 16 rollouts after the checkpoint).
+    last = cut_iters[-1]
+    total = last + 1 + 16
+    rerun = f"{{default: {{rollout: {{num_rollout: 4}}, train: {{save_interval: 2}}}}, " \
+            f"tl: {{rollout: {{num_rollout: {total}}}, train: {{save_interval: 8, allocation: {{nodes: 2}}}}}}}}"
+    out = snakemake(base, *_args(base, "train", rerun), env=env).stdout
+    assert "localrule train_run" in out
+    s = json.loads((run_dir / "glmsnake.done.json").read_text())
+    assert s["final_iteration"] == total - 1 and s["job"]["attempts"] == 1
+    driver_log = (base / "base" / "logs" / "train_tl" / "train_tl.driver.log").read_text()
+    assert [int(x) for x in re.findall(r"resuming from iter (\d+)", driver_log)] == [last]
+    assert cut_ids[-1] - last <= 8  # lost at most one save interval
+    assert set(cut_iters) <= set(_iters(ck))  # nothing deleted
+    assert _rollout_ids(metrics) == list(range(total))  # metrics continue, each rollout once
