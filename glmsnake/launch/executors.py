@@ -470,10 +470,26 @@ def wait_job(
     current = 0  # Slurm's restart count: the attempt whose results count
     requeues: list[float] = []
     while True:
+        if launcher == "slurm":
+            # Before results are read: a requeue is registered (Restarts) before the tasks of
+            # the ending attempt write their results, so those are never taken for the job's.
+            restarts = _restarts(job_id)
+            if restarts is not None and restarts > current:
+                # Requeued (submitit's checkpoint on USR2, preemption, `scontrol requeue`): the
+                # job runs again from the start; only the new attempt's results count.
+                current = restarts
+                requeues.append(time.time())
+                outcomes = [None] * n
+                first_error_at, cancelled_for_failure, ended_at, nodes = None, False, None, []
+                print(f"[glmsnake] job {job_id} was requeued (attempt {current}); waiting for it to run again",
+                      file=sys.stderr, flush=True)
         for i in range(n):
             if outcomes[i] is None:
                 outcomes[i] = _outcome(job, i, current)
         if all(o is not None for o in outcomes):
+            r = _restarts(job_id) if launcher == "slurm" else None
+            if r is not None and r > current:
+                continue  # requeued while we read: those were the ending attempt's results
             break
         now = time.time()
         if first_error_at is None and any(o is not None and o[0] == "error" for o in outcomes):
@@ -487,17 +503,6 @@ def wait_job(
         elif now - last_q >= poll_s * 2 or ended_at is None and now - t0 < 5:
             last_q = now
             state, nodelist = squeue_state(job_id)
-            restarts = _restarts(job_id) if state is not None else None
-            if restarts is not None and restarts > current:
-                # Requeued (submitit's checkpoint on USR2, preemption, `scontrol requeue`): the
-                # job runs again from the start; only the new attempt's results count.
-                current = restarts
-                requeues.append(now)
-                outcomes = [None] * n
-                first_error_at, cancelled_for_failure, ended_at, nodes = None, False, None, []
-                print(f"[glmsnake] job {job_id} was requeued (attempt {current}); waiting for it to run again",
-                      file=sys.stderr, flush=True)
-                continue
             if state == "RUNNING" and not nodes and nodelist:
                 nodes = expand_nodelist(nodelist)
                 timings["running"] = now
