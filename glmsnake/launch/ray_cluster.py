@@ -30,7 +30,6 @@ import secrets
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -84,7 +83,8 @@ class RaySpec:
 # --------------------------------------------------------------------------- processes
 
 
-def _session_members(sid: int) -> list[int]:
+def session_members(sessions: set[int]) -> list[int]:
+    """Live (non-zombie) processes whose session id is one of `sessions`: what we started, nothing else."""
     out = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -93,9 +93,13 @@ def _session_members(sid: int) -> list[int]:
             fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if fields[0] != "Z" and int(fields[3]) == sid:
+        if fields[0] != "Z" and int(fields[3]) in sessions:  # stat field 6: session id
             out.append(int(d.name))
     return out
+
+
+def _session_members(sid: int) -> list[int]:
+    return session_members({sid})
 
 
 def _ignore_usr2() -> None:

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from glmsnake.launch.ray_cluster import session_members
+
 DEFAULT_DIR = Path(os.environ.get("GLMSNAKE_SLURM_DIR", "/tmp/glmsnake-slurm"))
 CTLD_PORT = int(os.environ.get("GLMSNAKE_SLURMCTLD_PORT", "7817"))
 SLURMD_PORT0 = int(os.environ.get("GLMSNAKE_SLURMD_PORT0", "7001"))  # node K listens on SLURMD_PORT0 + K - 1
@@ -246,7 +248,7 @@ PartitionName={PARTITION} Nodes=node[1-{n}] Default=YES MaxTime=INFINITE State=U
         # Anything still running in the sessions we created (slurmstepd, job tasks).
         sessions = set(pids.values())
         for _ in range(2):
-            for pid in _session_members(sessions):
+            for pid in session_members(sessions):
                 _signal(pid, signal.SIGKILL)
             time.sleep(0.2)
         for pid in pids.values():
@@ -267,7 +269,7 @@ PartitionName={PARTITION} Nodes=node[1-{n}] Default=YES MaxTime=INFINITE State=U
         (and slurmstepd, which outlives a job briefly)."""
         pids = self._pids()
         out = []
-        for p in _session_members(set(pids.values())):
+        for p in session_members(set(pids.values())):
             if p in pids.values():
                 continue
             try:
@@ -300,20 +302,6 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
-
-
-def _session_members(sessions: set[int]) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[3]) in sessions:  # field 6 of stat: session id
-            out.append(int(d.name))
-    return out
 
 
 def _wait(pred, timeout: float, what: str, raise_: bool = True) -> bool:
