@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -247,12 +248,12 @@ class _Buffers:
         if self.device.type == "cuda":
             self.stream = torch.cuda.Stream(self.device)
 
-    def host(self, key: str, nbytes: int) -> torch.Tensor:
-        """A uint8 host buffer (pinned for a GPU, so copies are asynchronous DMA)."""
+    def host(self, key: str, nbytes: int, pin: bool = True) -> torch.Tensor:
+        """A uint8 host buffer (pinned for a GPU unless `pin` is False, so copies are asynchronous DMA)."""
         buf = self._host.get(key)
         if buf is None or buf.numel() < nbytes:
             t = time.perf_counter()
-            pin = self.device.type == "cuda"
+            pin = pin and self.device.type == "cuda"
             buf = self._host[key] = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin)
             if self.times is not None:
                 self.times.add("alloc", t)
@@ -383,7 +384,7 @@ class ShardJob:
     """One output shard written by several tasks at once (pwrite at planned offsets).
 
     The first task opens the files and writes the header; the last one to finish closes them.
-    Tasks are queued shard by shard, so only about `workers` shards are open at a time.
+    Tasks are queued lane by lane (_interleaved), so only about `workers` shards are open at a time.
     """
 
     def __init__(self, plan: ShardPlan, dst: Path):
@@ -444,7 +445,7 @@ def convert_tensors(job: ShardJob, infos: list[TensorInfo], scheme: Scheme, devi
             else:
                 t = time.perf_counter()
                 src_off, dst_off = plan.src.data_start + info.begin, len(plan.header) + plan.out[info.name].begin
-                copy_range(src_fd, src_off, dst_fd, dst_off, info.nbytes, lambda: bufs.host("copy", 8 << 20))
+                copy_range(src_fd, src_off, dst_fd, dst_off, info.nbytes, lambda: bufs.host("copy", 8 << 20, pin=False))
                 bufs.times.add("copy", t)
                 report(info.nbytes)
 
@@ -626,6 +627,26 @@ def _resume(stage: Path, plans: list[ShardPlan], scheme: Scheme, workers: int, p
     return digests, sorted(todo, key=lambda p: -p.in_bytes)  # largest first balances the pool
 
 
+def _interleaved(jobs: list[ShardJob], lanes: int) -> list[tuple[ShardJob, list[TensorInfo]]]:
+    """All tasks, queued so that concurrent workers mostly write different shards.
+
+    Buffered writes to one file serialize on its inode lock, so workers sharing a shard
+    queue up behind each other (on the H200 the write phase was the largest). Shards are
+    dealt, largest first, to `lanes` lanes of about equal bytes, and the queue takes one
+    task of each lane in turn; a worker whose lane is done helps the others, so the end
+    stays balanced. About `lanes` shards are open at a time, and finished shards are
+    hashed while the rest convert.
+    """
+    lane_jobs: list[list[ShardJob]] = [[] for _ in range(max(1, lanes))]
+    load = [0] * len(lane_jobs)
+    for job in sorted(jobs, key=lambda j: -j.plan.in_bytes):
+        i = load.index(min(load))
+        lane_jobs[i].append(job)
+        load[i] += job.plan.in_bytes
+    per_lane = [[(job, infos) for job in lane for infos in job.tasks] for lane in lane_jobs]
+    return [task for turn in itertools.zip_longest(*per_lane) for task in turn if task is not None]
+
+
 def _convert_all(todo: list[ShardPlan], stage: Path, scheme: Scheme, dev, workers: int, progress, fsync, times):
     """Run every shard's tasks on the worker pool; the hash pool checksums finished shards meanwhile."""
     jobs = [ShardJob(p, stage / f"{p.name}{INCOMPLETE_SUFFIX}") for p in todo]
@@ -639,7 +660,7 @@ def _convert_all(todo: list[ShardPlan], stage: Path, scheme: Scheme, dev, worker
             ThreadPoolExecutor(workers, thread_name_prefix="fp8-hash") as hashers,
         ):
             args = (stage, scheme, dev, progress, fsync, times, hashers)
-            tasks = [pool.submit(_run_task, job, infos, *args) for job in jobs for infos in job.tasks]
+            tasks = [pool.submit(_run_task, job, infos, *args) for job, infos in _interleaved(jobs, workers)]
             try:
                 hashes = [h for t in tasks if (h := t.result()) is not None]
                 converted = time.perf_counter()
