@@ -14,8 +14,10 @@
 - while the driver runs the head watches every node; a lost raylet ends the job with an
   error naming the Slurm node;
 - at the end (also on failure or SIGTERM) every rank stops exactly the Ray processes it
-  started; worker ranks exit as soon as the head says it is done, or when the head's GCS
-  has been unreachable for a while, so the allocation is released at once.
+  started and deletes its node's Ray temp folder (a failed job's Ray logs are copied to
+  `<job folder>/ray-logs/<node>` first); worker ranks exit as soon as the head says it is
+  done, or when the head's GCS has been unreachable for a while, so the allocation is
+  released at once.
 
 Rendezvous is through small files in the submitit job folder (shared storage).
 """
@@ -27,6 +29,7 @@ import fcntl
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,10 +37,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 from glmsnake.errors import GlmsnakeError
 from glmsnake.launch import addresses
+from glmsnake.launch.follow import FileFollower
 
 SITE_DIR = Path(__file__).resolve().parent / "_ray_site"
 PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
@@ -115,9 +119,10 @@ def _ignore_usr2() -> None:
 class RayProcess:
     """One `ray start --block` we started, in its own session; stops exactly that session."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], log: Path):
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path, temp: str):
         self.argv = argv
         self.log = log
+        self.temp = Path(temp)  # its --temp-dir: ours alone (temp_dir()), removed after it stops
         self.out = open(log, "ab", buffering=0)
         self.p = subprocess.Popen(argv, env=env, stdout=self.out, stderr=subprocess.STDOUT,
                                   stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_ignore_usr2)
@@ -182,6 +187,20 @@ class RayProcess:
         self.out.close()
         return time.time() - t0
 
+    def remove_temp(self, keep_logs_in: Path | None = None) -> None:
+        """After stop(): delete the node's Ray temp folder (sockets, session logs, runtime envs).
+
+        A failed job's Ray logs are evidence: they are copied to `keep_logs_in` (shared job
+        folder) first. Nothing is removed while a process of the session is still alive.
+        """
+        if self.members():
+            return
+        if keep_logs_in is not None:
+            logs = self.temp / "session_latest" / "logs"
+            with contextlib.suppress(OSError, shutil.Error):
+                shutil.copytree(logs, keep_logs_in, dirs_exist_ok=True, ignore_dangling_symlinks=True)
+        shutil.rmtree(self.temp, ignore_errors=True)
+
 
 _KINDS = (("gcs_server", "gcs_server"), ("raylet", "raylet"), ("dashboard/agent.py", "dashboard_agent"),
           ("runtime_env/agent", "runtime_env_agent"), ("log_monitor", "log_monitor"),
@@ -206,6 +225,11 @@ def temp_dir(job_id: str, rank: int) -> str:
     at the same moment ("The current node timed out during startup").
     """
     return f"/tmp/rj{job_id}n{rank}"
+
+
+def ray_logs_dir(job_dir: Path, node: str) -> Path:
+    """Where a failed job keeps a node's Ray logs (its temp folder is removed either way)."""
+    return Path(job_dir) / "ray-logs" / node
 
 
 def _tail(text: str, n: int) -> str:
@@ -403,7 +427,7 @@ def _head(spec: RaySpec, node: str, address: str, job_dir: Path, job_id: str) ->
         # Workers start their `ray start --address` while the head comes up (it retries the
         # GCS), so the head's start and the joins overlap instead of adding up.
         _write_json(job_dir / "ray.head.json", head_info)
-    proc = RayProcess(argv, env, log)
+    proc = RayProcess(argv, env, log, temp_dir(job_id, 0))
     _ACTIVE_HEAD.update(proc=proc, job_dir=job_dir, nodes=spec.nodes)
     result: dict[str, Any] = {"role": "head", "node": node, "address": address, "gcs": gcs, "dashboard": dashboard}
     try:
@@ -457,10 +481,12 @@ def _head(spec: RaySpec, node: str, address: str, job_dir: Path, job_id: str) ->
         result.update(exit_code=jr.exit_code, ray_job_id=jr.job_id, status=jr.status, message=jr.message)
         return result
     finally:
-        _write_json(job_dir / "ray.done.json", {"at": time.time()})
+        ok = result.get("exit_code") == 0  # also False when this raised: the workers keep their logs too
+        _write_json(job_dir / "ray.done.json", {"at": time.time(), "ok": ok})
         t["teardown_start"] = time.time()
         result["cpu"] = proc.cpu_seconds()
         proc.stop()
+        proc.remove_temp(None if ok else ray_logs_dir(job_dir, node))
         t["teardown_end"] = time.time()
         result["timings"] = t
         _write_json(job_dir / "ray.head.timings.json", t)
@@ -487,6 +513,7 @@ def _worker(spec: RaySpec, rank: int, node: str, address: str, job_dir: Path, jo
     cpu: dict[str, float] = {}
     done_file = job_dir / "ray.done.json"
     head = None
+    failed = False
     while head is None:
         head = _read_json(job_dir / "ray.head.json")
         if _read_json(done_file):
@@ -512,13 +539,14 @@ def _worker(spec: RaySpec, rank: int, node: str, address: str, job_dir: Path, jo
                         *_node_args(address, ports, spec)]
                 if not spec.worker_log_monitor:
                     argv.insert(-1, "--include-log-monitor=false")
-                proc = RayProcess(argv, env, log)
+                proc = RayProcess(argv, env, log, temp_dir(job_id, rank))
                 try:
                     proc.wait_started(120)
                     break
                 except RayStartFailed as e:
                     last_err = str(e)
                     proc.stop()
+                    proc.remove_temp()
                     proc = None
             time.sleep(1.0 * attempt)
         if proc is None:
@@ -540,6 +568,7 @@ def _worker(spec: RaySpec, rank: int, node: str, address: str, job_dir: Path, jo
         t["head_done_seen"] = time.time()
         return {"role": "worker", "node": node, "address": address, "joined": True, "timings": t, "cpu": cpu}
     except BaseException as e:
+        failed = True
         if not done_file.exists():
             _write_json(job_dir / f"ray.worker{rank}.failed.json",
                         {"node": node, "address": address, "error": f"{type(e).__name__}: {str(e)[:2000]}"})
@@ -548,6 +577,8 @@ def _worker(spec: RaySpec, rank: int, node: str, address: str, job_dir: Path, jo
         if proc is not None:
             cpu.update(proc.cpu_seconds())
             proc.stop()
+            keep = failed or (_read_json(done_file) or {}).get("ok") is False
+            proc.remove_temp(ray_logs_dir(job_dir, node) if keep else None)
         t["stopped"] = time.time()
         with contextlib.suppress(OSError):
             _write_json(job_dir / f"ray.worker{rank}.stopped.json", {"at": t["stopped"]})
@@ -585,11 +616,14 @@ def run_ray_job(
     cpus_per_node: int | None = None,
     ready_timeout_s: float = 300.0,
     max_requeues: int = 0,
+    echo_to: BinaryIO | None = None,
 ) -> JobResult:
     """Allocate, start Ray on every node, run the driver, tear down; the driver's exit code comes back.
 
     `driver_factory(head_address)` returns an object with argv, cwd and env (glmsnake.recipe.Driver),
     e.g. `functools.partial(glmsnake.recipe.driver, wf, run_name, interface=...)`. It must be picklable.
+    The driver's output is appended to `log_path` by the head; `echo_to` (the step's stdout, i.e.
+    the rule's log) also gets it while the job runs.
     """
     from glmsnake.launch import executors
 
@@ -613,7 +647,8 @@ def run_ray_job(
             "run with `--profile profiles/slurm`, or use the local trainer backend on one machine",
         )
     t_submit = time.time()
-    rec = executors.run_job(wf, allocation, 1, _RayTaskFn(spec), name, log_dir, max_requeues=max_requeues)
+    with FileFollower(log_path, echo_to) if echo_to is not None else contextlib.nullcontext():
+        rec = executors.run_job(wf, allocation, 1, _RayTaskFn(spec), name, log_dir, max_requeues=max_requeues)
     released = executors.wait_released(rec.job_id)
     t_end = time.time()
     head = rec.results[0]
@@ -663,6 +698,7 @@ def stop_for_requeue(wait_s: float = 15.0) -> None:
         _write_json(Path(job_dir) / "ray.done.json", {"at": time.time(), "why": "requeue"})
     if proc is not None:
         proc.stop()
+        proc.remove_temp()
     if job_dir is not None:
         deadline = time.time() + wait_s
         while time.time() < deadline and not all(

@@ -117,8 +117,9 @@ def step(wf: Workflow, sentinel: Path, run: str) -> None:
         # Checkpointable: Slurm's USR2 before the time limit, or a preemption, requeues the job
         # and the driver resumes from the latest checkpoint by itself (max_requeues bounds
         # the time-limit requeues).
+        # The driver's output streams into this step's stdout, i.e. the rule's log.
         res = run_ray_job(wf, r.train.allocation, factory, f"train_{run}", wf.base / "logs" / f"train_{run}",
-                          max_requeues=max_requeues())
+                          max_requeues=max_requeues(), echo_to=sys.stdout.buffer)
         job = {"slurm_job_id": res.slurm_job_id, "ray_job_id": res.job_id, "nodes": res.nodes,
                "gpus": res.gpus, "timings": res.timings, "status": res.status, "attempts": res.attempts}
         rc = res.exit_code

@@ -40,6 +40,12 @@ def node_addr(k: int) -> str:
     return f"127.0.0.{10 + k}"
 
 
+
+def first_job_id() -> int:
+    """Job ids of each cluster start differ from the last one's (1000 a second), as on a real
+    cluster, so nothing named after a job id (Ray's /tmp/rj<job>n<rank>) meets an earlier run's."""
+    return 1_000_000 + int(time.time()) % 60_000 * 1000
+
 class Cluster:
     def __init__(self, root: Path = DEFAULT_DIR, nodes: int = 8):
         self.root = Path(root).absolute()
@@ -77,6 +83,7 @@ class Cluster:
 ClusterName=glmsnake
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort={CTLD_PORT}
+FirstJobId={first_job_id()}
 SlurmdPort={SLURMD_PORT0}
 SrunPortRange={SRUN_PORTS}
 CommunicationParameters=NoCtldInAddrAny,NoInAddrAny

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import os
 import re
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +16,7 @@ import pytest
 
 from glmsnake.errors import GlmsnakeError
 from glmsnake.launch import executors
-from glmsnake.launch.ray_cluster import run_ray_job
+from glmsnake.launch.ray_cluster import run_ray_job, temp_dir
 from tests.cluster.helpers import fail_on_rank_1 as _fail_on_rank_1
 from tests.cluster.helpers import task_env as _env
 from tests.cluster.helpers import test_driver as _test_driver
@@ -31,15 +31,21 @@ def _report(log: Path) -> dict:
     return json.loads(m.group(1))
 
 
-def _no_ray_left(slurm_cluster, job_dir: str) -> None:
-    """No process of ours in the job's Ray sessions, and Slurm holds nothing."""
+def _no_ray_left(slurm_cluster, *job_ids: str) -> None:
+    """No process of ours in the cluster's sessions, no Ray temp folder of these jobs, Slurm holds nothing."""
+    assert job_ids and all(job_ids), job_ids
     assert slurm_cluster.jobs() == [] or all("COMPLETED" in j or "CANCELLED" in j or "FAILED" in j
                                               for j in slurm_cluster.jobs())
     left = slurm_cluster.leftovers()
     assert left == [], f"processes left in the cluster's sessions: {left}"
-    tmp = [d for d in Path("/tmp").glob("rj*")]
-    for d in tmp:  # Ray's session folders may stay; their processes must not
-        pass
+    temp = sorted(d for j in job_ids for d in glob.glob(temp_dir(j, 0).removesuffix("0") + "*"))
+    assert temp == [], f"Ray temp folders left behind: {temp}"
+
+
+def _kept_ray_logs(log_dir: Path, job_id: str) -> list[str]:
+    """Nodes whose Ray logs the job kept (a failed job keeps them; a good one keeps none)."""
+    kept = log_dir / "submitit" / job_id / "ray-logs"
+    return sorted(d.name for d in kept.iterdir() if (d / "raylet.out").is_file()) if kept.is_dir() else []
 
 
 def _alloc(wf, nodes: int, gpus: int = 8, **kw):
@@ -134,7 +140,9 @@ def test_ray_8_nodes_64_gpus_exit_code(slurm_cluster, slurm_wf, tmp_path, nodes,
     assert rep["node_ips"] == [f"127.0.0.{10 + k}" for k in range(1, nodes + 1)]
     assert rep["http_proxy"] is None
     assert {n["slurm_node"] for n in r.ray_nodes} == set(r.nodes)
-    _no_ray_left(slurm_cluster, "")
+    _no_ray_left(slurm_cluster, r.slurm_job_id)
+    # A failed driver's Ray logs are kept, from every node; a good run's are not.
+    assert _kept_ray_logs(tmp_path / "logs", r.slurm_job_id) == ([] if code == 0 else r.nodes)
     assert slurm_cluster.node_states() and set(slurm_cluster.node_states().values()) == {"idle"}
 
 
@@ -161,7 +169,7 @@ def test_two_ray_jobs_at_once_do_not_collide(slurm_cluster, slurm_wf, tmp_path):
         assert not isinstance(r, BaseException), r
         assert r.exit_code == 10 + i and r.gpus == 8
     assert results[0].nodes == results[1].nodes  # really on the same nodes
-    _no_ray_left(slurm_cluster, "")
+    _no_ray_left(slurm_cluster, results[0].slurm_job_id, results[1].slurm_job_id)
 
 
 def test_killed_worker_raylet_fails_fast_naming_the_node(slurm_cluster, slurm_wf, tmp_path):
@@ -200,6 +208,7 @@ def test_killed_worker_raylet_fails_fast_naming_the_node(slurm_cluster, slurm_wf
     assert elapsed < 60, elapsed
     assert info["node"] in str(box["e"]), str(box["e"])[:2000]
     job_id = str(getattr(box["e"], "job_id", "") or "")
-    state, _ = executors.squeue_state(job_id) if job_id else (None, "")
+    state, _ = executors.squeue_state(job_id)
     assert state is None or state in executors.TERMINAL
-    _no_ray_left(slurm_cluster, "")
+    _no_ray_left(slurm_cluster, job_id)
+    assert info["node"] in _kept_ray_logs(logs, job_id)

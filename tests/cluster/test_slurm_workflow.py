@@ -123,6 +123,11 @@ def test_profile_train_whole_dag_8_nodes(slurm_cluster, train_run, base):
     rows = [json.loads(x) for x in (base / "base" / "runs" / "default" / "metrics.jsonl").read_text().splitlines()]
     assert [r["rollout_id"] for r in rows if "rollout_id" in r and r.get("kind") != "eval"] == [0, 1, 2, 3]
     assert (base / "base" / "runs" / "default" / "train_curves.png").stat().st_size > 0
+    # The driver ran on node1; its output is in the rule's own log, next to the step's lines.
+    rule_log = (base / "base" / "logs" / "train.default.log").read_text()
+    assert "[glmsnake] train default: backend local, launcher slurm" in rule_log
+    assert [int(x) for x in re.findall(r"\[trainer\] rollout (\d+):", rule_log)] == [0, 1, 2, 3], rule_log[-3000:]
+    assert "GLMSNAKE_SUMMARY " in rule_log
     print("train timings:", json.dumps(job["timings"]))
     assert slurm_cluster.leftovers() == []
     assert set(slurm_cluster.node_states().values()) == {"idle"}
@@ -190,6 +195,9 @@ def test_requeue_comes_back_by_itself_and_resumes(slurm_cluster, wf_env, base, t
     driver_log = (base / "base" / "logs" / "train_rq" / "train_rq.driver.log").read_text()
     resumed = [int(x) for x in re.findall(r"resuming from iter (\d+)", driver_log)]
     assert len(resumed) == 1, driver_log[-3000:]
+    # Both attempts' driver output reached the rule's log (the requeue happened inside one step).
+    rule_log = (base / "base" / "logs" / "train.rq.log").read_text()
+    assert [int(x) for x in re.findall(r"resuming from iter (\d+)", rule_log)] == resumed
     assert resumed[0] >= before_iters[-1]  # never older than what existed when signalled
     assert resumed[0] >= before_ids[-1] - 8  # lost at most one save interval
     # No checkpoint was deleted; metrics continue (each rollout once, in order).
