@@ -29,7 +29,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ import submitit
 from submitit.core import utils as submitit_utils
 
 from glmsnake.errors import GlmsnakeError
-from glmsnake.launch import addresses
+from glmsnake.launch import addresses, signals
 
 if TYPE_CHECKING:
     from glmsnake.config import Allocation, Workflow
@@ -359,6 +358,16 @@ def squeue_state(job_id: str) -> tuple[str | None, str]:
     return state.strip(), nodes.strip()
 
 
+def unfinished_jobs(job_ids: list[str]) -> set[str] | None:
+    """Which of these jobs Slurm still has pending, running or completing; None if Slurm cannot say."""
+    if not job_ids:
+        return set()
+    r = _run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i"])
+    if r.returncode != 0:
+        return set() if "Invalid job id" in r.stderr else None  # squeue -j <one unknown id> fails so
+    return set(r.stdout.split())
+
+
 def expand_nodelist(nodelist: str) -> list[str]:
     if not nodelist or nodelist in ("(null)",):
         return []
@@ -377,29 +386,6 @@ class JobRecord(Generic[T]):
     timings: dict[str, float] = field(default_factory=dict)
     folder: str = ""
     attempts: int = 1  # 1 + how often Slurm requeued the job
-
-
-class _Interrupted(BaseException):
-    pass
-
-
-class _SignalGuard:
-    """Turn SIGTERM/SIGINT into an exception in the main thread so the job gets cancelled."""
-
-    def __enter__(self) -> "_SignalGuard":
-        self.old: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self.old[sig] = signal.getsignal(sig)
-                signal.signal(sig, self._handler)
-        return self
-
-    def _handler(self, signum: int, _frame: Any) -> None:
-        raise _Interrupted(signal.Signals(signum).name)
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, h in self.old.items():
-            signal.signal(sig, h)
 
 
 def _outcome(job: Any, i: int, current: int = 0) -> tuple[str, Any] | None:
@@ -648,25 +634,27 @@ def run_job(
     job = submit_tasks(wf, allocation, tasks_per_node, fn, name, log_dir, max_requeues=max_requeues)
     log(f"[glmsnake] {name}: submitted job {job.job_id} ({allocation.nodes} node(s) x {tasks_per_node} task(s), "
         f"launcher={wf.user.launcher}); logs in {job.paths.folder}")
-    finished = False
-    try:
-        with _SignalGuard():
+    done = False
+    # SIGTERM/SIGINT (Ctrl-C, Snakemake's interrupt) raise once, here: the finally cancels the job
+    # and a second signal cannot cut that short.
+    with signals.raise_once():
+        try:
             rec = wait_job(job, wf.user.launcher, tasks_per_node, on_running=on_running)
-        finished = True
-        return rec
-    except TaskFailed:
-        finished = True
-        if wf.user.launcher == "slurm":
-            # Hand the allocation back before reporting: tasks that are still exiting get a
-            # moment, then the job is cancelled.
-            if not _released(job.job_id, RELEASE_GRACE_S):
+            done = True
+            return rec
+        except TaskFailed:
+            if wf.user.launcher == "slurm":
+                # Hand the allocation back before reporting: tasks that are still exiting get a
+                # moment, then the job is cancelled.
+                if not _released(job.job_id, RELEASE_GRACE_S):
+                    job.cancel(check=False)
+                    _released(job.job_id, 30.0)
+            done = True
+            raise
+        finally:
+            if not done:
+                log(f"[glmsnake] {name}: interrupted, cancelling job {job.job_id}")
                 job.cancel(check=False)
-                _released(job.job_id, 30.0)
-        raise
-    finally:
-        if not finished:
-            log(f"[glmsnake] {name}: interrupted, cancelling job {job.job_id}")
-            job.cancel(check=False)
 
 
 def run_tasks(
@@ -694,6 +682,7 @@ __all__ = [
     "squeue_state",
     "submit_tasks",
     "task_env",
+    "unfinished_jobs",
     "wait_job",
     "wait_released",
 ]

@@ -28,24 +28,27 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 from glmsnake.errors import GlmsnakeError
-from glmsnake.launch import addresses
+from glmsnake.launch import addresses, signals
 from glmsnake.launch.follow import FileFollower
 
 SITE_DIR = Path(__file__).resolve().parent / "_ray_site"
 PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
 STATE_ALIVE, STATE_DEAD = 0, 1
+# In the environment of every Ray process we start (and so of their workers and the driver):
+# the Slurm job it belongs to. Ray renames its workers' command lines; their environment stays.
+JOB_MARK = "GLMSNAKE_RAY_JOB"
 
 
 class RayNodeLost(GlmsnakeError):
@@ -227,6 +230,38 @@ def temp_dir(job_id: str, rank: int) -> str:
     return f"/tmp/rj{job_id}n{rank}"
 
 
+TEMP_DIR_NAME = re.compile(r"rj(\d+)n(\d+)")
+
+
+def sweep_stale_temp_dirs(root: Path = Path("/tmp")) -> list[str]:
+    """Delete Ray temp folders of jobs Slurm no longer runs; returns what was deleted.
+
+    A job killed at its time limit gets KillWait seconds (30 by default) between SIGTERM and
+    SIGKILL, which is not always enough to stop Ray and delete the folder; the next Ray job
+    on the node deletes it then. Folders of jobs still pending/running, of other users (no
+    permission), or when Slurm cannot be asked, are left alone.
+    """
+    from glmsnake.launch.executors import unfinished_jobs
+
+    found: dict[str, list[Path]] = {}
+    for d in root.glob("rj*n*"):
+        m = TEMP_DIR_NAME.fullmatch(d.name)
+        if m and d.is_dir() and not d.is_symlink():
+            found.setdefault(m[1], []).append(d)
+    alive = unfinished_jobs(sorted(found)) if found else set()
+    if alive is None:
+        return []
+    removed = []
+    for job, dirs in found.items():
+        if job in alive:
+            continue
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+            if not d.exists():
+                removed.append(str(d))
+    return sorted(removed)
+
+
 def ray_logs_dir(job_dir: Path, node: str) -> Path:
     """Where a failed job keeps a node's Ray logs (its temp folder is removed either way)."""
     return Path(job_dir) / "ray-logs" / node
@@ -357,30 +392,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-class _Terminated(BaseException):
-    pass
-
-
-@contextlib.contextmanager
-def _sigterm_raises():
-    """Slurm cancels with SIGTERM (submitit would ignore it): turn it into teardown."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, _f: Any) -> None:
-        raise _Terminated(signal.Signals(signum).name)
-
-    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    for s in old:
-        signal.signal(s, handler)
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
 # --------------------------------------------------------------------------- the task
 
 
@@ -395,7 +406,10 @@ def ray_task(spec: RaySpec) -> dict[str, Any]:
     for k in PROXY_VARS:
         os.environ.pop(k, None)
     os.environ["no_proxy"] = os.environ["NO_PROXY"] = _ray_env(address, "", {})["no_proxy"]
-    with _sigterm_raises():
+    # Slurm cancels with SIGTERM (submitit would ignore it): it becomes teardown.
+    with signals.raise_once():
+        with contextlib.suppress(Exception):  # housekeeping: never a reason to fail the job
+            sweep_stale_temp_dirs(Path(temp_dir(job_id, rank)).parent)
         if rank == 0:
             return _head(spec, node, address, job_dir, job_id)
         return _worker(spec, rank, node, address, job_dir, job_id)
@@ -410,7 +424,7 @@ def _head(spec: RaySpec, node: str, address: str, job_dir: Path, job_id: str) ->
     ports = _ports(address, 16 + spec.worker_ports)
     gcs_port, dash_port, client_port, dash_metric, as_metric = ports[6], ports[7], ports[8], ports[9], ports[11]
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)  # for our own GCS/Jobs clients
-    env = _ray_env(address, token, {**spec.extra_env,
+    env = _ray_env(address, token, {**spec.extra_env, JOB_MARK: job_id,
                                      "DASHBOARD_METRIC_PORT": str(dash_metric),
                                      "AUTOSCALER_METRIC_PORT": str(as_metric)})
     ports = ports[:10] + ports[16:]  # keep 10.. as the worker range
@@ -523,7 +537,7 @@ def _worker(spec: RaySpec, rank: int, node: str, address: str, job_dir: Path, jo
     token = json.loads((job_dir / "ray.token.json").read_text())["token"]
     t["head_seen"] = time.time()
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
-    env = _ray_env(address, token, spec.extra_env)
+    env = _ray_env(address, token, {**spec.extra_env, JOB_MARK: job_id})
     log = job_dir / f"ray-{node}.log"
     proc: RayProcess | None = None
     gcs_host, gcs_port = head["gcs"].rsplit(":", 1)
@@ -722,4 +736,4 @@ class _RayTaskFn:
 
 
 __all__ = ["JobResult", "RayNodeLost", "RaySpec", "RayStartFailed", "ray_task", "run_ray_job", "stop_for_requeue",
-           "temp_dir"]
+           "sweep_stale_temp_dirs", "temp_dir"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -273,7 +274,8 @@ PartitionName={PARTITION} Nodes=node[1-{n}] Default=YES MaxTime=INFINITE State=U
 
     def leftovers(self) -> list[int]:
         """Processes still alive in the sessions `up` created, other than the daemons themselves
-        (and slurmstepd, which outlives a job briefly)."""
+        (and slurmstepd, which outlives a job briefly), and Ray processes of any glmsnake job
+        (they run in sessions of their own)."""
         pids = self._pids()
         out = []
         for p in session_members(set(pids.values())):
@@ -285,7 +287,24 @@ PartitionName={PARTITION} Nodes=node[1-{n}] Default=YES MaxTime=INFINITE State=U
             except OSError:
                 continue
             out.append(p)
-        return out
+        return sorted(set(out) | set(ray_processes()))
+
+
+def ray_processes() -> list[int]:
+    """Live processes of any glmsnake Ray cluster: ray start, raylet, GCS, agents, workers, drivers
+    (they carry GLMSNAKE_RAY_JOB in their environment; Ray renames its workers' command lines)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            environ = (d / "environ").read_bytes()
+            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and b"\0GLMSNAKE_RAY_JOB=" in b"\0" + environ:
+            out.append(int(d.name))
+    return out
 
 
 def _listening(addr: str, port: int) -> bool:

@@ -16,7 +16,7 @@ import pytest
 
 from glmsnake.errors import GlmsnakeError
 from glmsnake.launch import executors
-from glmsnake.launch.ray_cluster import run_ray_job, temp_dir
+from glmsnake.launch.ray_cluster import run_ray_job, sweep_stale_temp_dirs, temp_dir
 from tests.cluster.helpers import fail_on_rank_1 as _fail_on_rank_1
 from tests.cluster.helpers import task_env as _env
 from tests.cluster.helpers import test_driver as _test_driver
@@ -197,9 +197,12 @@ def test_killed_worker_raylet_fails_fast_naming_the_node(slurm_cluster, slurm_wf
         time.sleep(0.5)
     assert info, "driver never got going"
     from glmsnake.launch.ray_cluster import _session_members
+    from tests.cluster.slurm_cluster import ray_processes
 
     raylets = [p for p in _session_members(info["pid"]) if Path(f"/proc/{p}/comm").read_text().strip() == "raylet"]
     assert raylets
+    # The cluster's leftover check sees every Ray process of a job (they run in sessions of their own).
+    assert set(_session_members(info["pid"])) <= set(ray_processes())
     killed_at = time.time()
     os.kill(raylets[0], signal.SIGKILL)
     t.join(timeout=120)
@@ -212,3 +215,21 @@ def test_killed_worker_raylet_fails_fast_naming_the_node(slurm_cluster, slurm_wf
     assert state is None or state in executors.TERMINAL
     _no_ray_left(slurm_cluster, job_id)
     assert info["node"] in _kept_ray_logs(logs, job_id)
+
+
+def test_stale_ray_temp_folders_are_swept(slurm_cluster, tmp_path):
+    """Folders named after jobs Slurm no longer runs go; a running job's and foreign ones stay."""
+    import subprocess
+
+    running = subprocess.run(["sbatch", "--parsable", "-p", "debug", "-o", "/dev/null", "--wrap", "sleep 120"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        assert executors.unfinished_jobs([running, "99"]) == {running}
+        assert executors.unfinished_jobs(["99"]) == set()  # one unknown id: squeue fails, still an answer
+        for name in (f"rj{running}n0", "rj99n0", "rj99n5", "rjabc", "keep"):
+            (tmp_path / name / "session_latest" / "logs").mkdir(parents=True)
+        removed = sweep_stale_temp_dirs(tmp_path)
+        assert removed == [str(tmp_path / "rj99n0"), str(tmp_path / "rj99n5")]
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"rj{running}n0", "rjabc", "keep"])
+    finally:
+        subprocess.run(["scancel", running], check=False)

@@ -12,10 +12,12 @@ the user's Snakemake config folder; here a temporary XDG_CONFIG_HOME).
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import pickle
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -221,10 +223,11 @@ def test_time_limit_ends_training_and_the_rerun_resumes(slurm_cluster, wf_env, b
     print(f"time-limited attempt: {time.time() - t0:.1f} s")
     assert first.returncode != 0
     assert re.search(r"TIMEOUT|timed-out", first.stdout), first.stdout[-4000:]
+    cut_job = [d.name for d in (base / "base" / "logs" / "train_tl" / "submitit").iterdir() if d.name.isdigit()]
     assert not (run_dir / "glmsnake.done.json").exists()
     cut_iters, cut_ids = _iters(ck), _rollout_ids(metrics)
     assert cut_iters and cut_ids and cut_ids[-1] < 4999, first.stdout[-3000:]
-    assert slurm_cluster.leftovers() == []
+    assert slurm_cluster.leftovers() == []  # incl. Ray processes: a second SIGTERM must not cut teardown short
     # The rerun (a longer limit, and a run that ends 16 rollouts after the checkpoint).
     last = cut_iters[-1]
     total = last + 1 + 16
@@ -239,3 +242,48 @@ def test_time_limit_ends_training_and_the_rerun_resumes(slurm_cluster, wf_env, b
     assert cut_ids[-1] - last <= 8  # lost at most one save interval
     assert set(cut_iters) <= set(_iters(ck))  # nothing deleted
     assert _rollout_ids(metrics) == list(range(total))  # metrics continue, each rollout once
+    # SIGKILL after KillWait may beat the cut job's cleanup; the next job's sweep got its Ray folders.
+    assert len(cut_job) == 1 and glob.glob(f"/tmp/rj{cut_job[0]}n*") == []
+
+
+def test_ctrl_c_cancels_the_training_job(slurm_cluster, wf_env, base, train_run):
+    """Ctrl-C in the terminal (SIGINT to Snakemake's whole process group) while the 2-node
+    training job runs: the job is cancelled, Ray is gone from every node (processes and temp
+    folders), no sentinel claims the run finished, and Snakemake exits non-zero."""
+    run_dir = base / "base" / "runs" / "cc"
+    runs = "{default: {rollout: {num_rollout: 4}, train: {save_interval: 2}}, " \
+           "cc: {rollout: {num_rollout: 5000}, train: {save_interval: 8, allocation: {nodes: 2}}}}"
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(base),
+           "--configfile", str(REPO / "config" / "config.yaml"), "--cores", "2", *_args(base, "train", runs)]
+    out_path = base / "cc.snakemake.log"
+    with open(out_path, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **wf_env},
+                                start_new_session=True)  # its own process group, as in a terminal
+    job_id = None
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and len(_rollout_ids(run_dir / "metrics.jsonl")) < 3:
+            time.sleep(0.3)
+        q = subprocess.run(["squeue", "-h", "-n", "train_cc", "-o", "%i %T"], capture_output=True, text=True)
+        assert q.stdout.split()[1:2] == ["RUNNING"], out_path.read_text()[-3000:]
+        job_id = q.stdout.split()[0]
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    log = out_path.read_text()
+    assert rc != 0, log[-3000:]
+    assert f"interrupted, cancelling job {job_id}" in (base / "base" / "logs" / "train.cc.log").read_text()
+    deadline = time.time() + 30
+    while time.time() < deadline and _scontrol(job_id).get("JobState") not in ("CANCELLED", "COMPLETED", "FAILED"):
+        time.sleep(0.3)
+    assert _scontrol(job_id)["JobState"] == "CANCELLED"
+    deadline = time.time() + 30  # slurmstepd finishes the kill (KillWait) on its own time
+    while time.time() < deadline and (slurm_cluster.leftovers() or glob.glob(f"/tmp/rj{job_id}n*")):
+        time.sleep(0.5)
+    assert slurm_cluster.leftovers() == []
+    assert glob.glob(f"/tmp/rj{job_id}n*") == []
+    assert not (run_dir / "glmsnake.done.json").exists()
+    assert set(slurm_cluster.node_states().values()) == {"idle"}
