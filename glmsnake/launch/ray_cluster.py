@@ -47,7 +47,8 @@ SITE_DIR = Path(__file__).resolve().parent / "_ray_site"
 PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
 STATE_ALIVE, STATE_DEAD = 0, 1
 # In the environment of every Ray process we start (and so of their workers and the driver):
-# the Slurm job it belongs to. Ray renames its workers' command lines; their environment stays.
+# `<job>n<rank>`, the Slurm job and node rank they belong to. Ray renames its workers' command
+# lines and runs the driver and its watchdog in sessions of their own; the environment stays.
 JOB_MARK = "GLMSNAKE_RAY_JOB"
 
 
@@ -109,6 +110,28 @@ def _session_members(sid: int) -> list[int]:
     return session_members({sid})
 
 
+def marked_processes(mark: str | None = None) -> list[int]:
+    """Live processes whose environment has JOB_MARK=`mark` (any glmsnake Ray job if None)."""
+    want = f"{JOB_MARK}={mark}".encode() if mark else f"{JOB_MARK}=".encode()
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            env = (d / "environ").read_bytes().split(b"\0")
+            zombie = (d / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            continue
+        if not zombie and any(e == want if mark else e.startswith(want) for e in env):
+            out.append(int(d.name))
+    return out
+
+
+def node_mark(job_id: str, rank: int) -> str:
+    """JOB_MARK's value for one node of a job: the same as its temp folder's name."""
+    return f"{job_id}n{rank}"
+
+
 def _ignore_usr2() -> None:
     """In the forked child before exec: Ray's processes (and the driver) ignore SIGUSR2.
 
@@ -120,12 +143,14 @@ def _ignore_usr2() -> None:
 
 
 class RayProcess:
-    """One `ray start --block` we started, in its own session; stops exactly that session."""
+    """One `ray start --block` we started, in its own session; stops exactly what it started
+    (that session, and what Ray moved to sessions of its own: they carry the node's JOB_MARK)."""
 
     def __init__(self, argv: list[str], env: dict[str, str], log: Path, temp: str):
         self.argv = argv
         self.log = log
         self.temp = Path(temp)  # its --temp-dir: ours alone (temp_dir()), removed after it stops
+        self.mark = env.get(JOB_MARK)
         self.out = open(log, "ab", buffering=0)
         self.p = subprocess.Popen(argv, env=env, stdout=self.out, stderr=subprocess.STDOUT,
                                   stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_ignore_usr2)
@@ -152,6 +177,10 @@ class RayProcess:
     def members(self) -> list[int]:
         return _session_members(self.p.pid)
 
+    def ours(self) -> list[int]:
+        """The session's processes and whatever else carries this node's mark (driver, watchdogs)."""
+        return sorted(set(self.members()) | set(marked_processes(self.mark) if self.mark else ()))
+
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds (user + system) used so far by the live processes of this session, by kind."""
         tck = os.sysconf("SC_CLK_TCK")
@@ -174,7 +203,7 @@ class RayProcess:
         """
         t0 = time.time()
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = self.members()
+            pids = self.ours()
             if self.p.poll() is None and self.p.pid not in pids:
                 pids.append(self.p.pid)
             if not pids:
@@ -183,7 +212,7 @@ class RayProcess:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, sig)
             deadline = time.time() + (grace_s if sig == signal.SIGTERM else 5.0)
-            while time.time() < deadline and self.members():
+            while time.time() < deadline and self.ours():
                 time.sleep(0.1)
         with contextlib.suppress(Exception):
             self.p.wait(timeout=1)
@@ -196,7 +225,7 @@ class RayProcess:
         A failed job's Ray logs are evidence: they are copied to `keep_logs_in` (shared job
         folder) first. Nothing is removed while a process of the session is still alive.
         """
-        if self.members():
+        if self.ours():
             return
         if keep_logs_in is not None:
             logs = self.temp / "session_latest" / "logs"
@@ -227,7 +256,7 @@ def temp_dir(job_id: str, rank: int) -> str:
     their socket names (`sockets/raylet.N`) in the same folder, which races when they start
     at the same moment ("The current node timed out during startup").
     """
-    return f"/tmp/rj{job_id}n{rank}"
+    return f"/tmp/rj{node_mark(job_id, rank)}"
 
 
 TEMP_DIR_NAME = re.compile(r"rj(\d+)n(\d+)")
@@ -424,7 +453,7 @@ def _head(spec: RaySpec, node: str, address: str, job_dir: Path, job_id: str) ->
     ports = _ports(address, 16 + spec.worker_ports)
     gcs_port, dash_port, client_port, dash_metric, as_metric = ports[6], ports[7], ports[8], ports[9], ports[11]
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)  # for our own GCS/Jobs clients
-    env = _ray_env(address, token, {**spec.extra_env, JOB_MARK: job_id,
+    env = _ray_env(address, token, {**spec.extra_env, JOB_MARK: node_mark(job_id, 0),
                                      "DASHBOARD_METRIC_PORT": str(dash_metric),
                                      "AUTOSCALER_METRIC_PORT": str(as_metric)})
     ports = ports[:10] + ports[16:]  # keep 10.. as the worker range
@@ -537,7 +566,7 @@ def _worker(spec: RaySpec, rank: int, node: str, address: str, job_dir: Path, jo
     token = json.loads((job_dir / "ray.token.json").read_text())["token"]
     t["head_seen"] = time.time()
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
-    env = _ray_env(address, token, {**spec.extra_env, JOB_MARK: job_id})
+    env = _ray_env(address, token, {**spec.extra_env, JOB_MARK: node_mark(job_id, rank)})
     log = job_dir / f"ray-{node}.log"
     proc: RayProcess | None = None
     gcs_host, gcs_port = head["gcs"].rsplit(":", 1)

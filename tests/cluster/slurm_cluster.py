@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from glmsnake.launch.ray_cluster import session_members
+from glmsnake.launch.ray_cluster import marked_processes, session_members
 
 DEFAULT_DIR = Path(os.environ.get("GLMSNAKE_SLURM_DIR", "/tmp/glmsnake-slurm"))
 CTLD_PORT = int(os.environ.get("GLMSNAKE_SLURMCTLD_PORT", "7817"))
@@ -274,8 +274,8 @@ PartitionName={PARTITION} Nodes=node[1-{n}] Default=YES MaxTime=INFINITE State=U
 
     def leftovers(self) -> list[int]:
         """Processes still alive in the sessions `up` created, other than the daemons themselves
-        (and slurmstepd, which outlives a job briefly), and Ray processes of any glmsnake job
-        (they run in sessions of their own)."""
+        (and slurmstepd, which outlives a job briefly), and every process of any glmsnake Ray
+        cluster (Ray runs them in sessions of their own; they carry the job's mark)."""
         pids = self._pids()
         out = []
         for p in session_members(set(pids.values())):
@@ -287,24 +287,7 @@ PartitionName={PARTITION} Nodes=node[1-{n}] Default=YES MaxTime=INFINITE State=U
             except OSError:
                 continue
             out.append(p)
-        return sorted(set(out) | set(ray_processes()))
-
-
-def ray_processes() -> list[int]:
-    """Live processes of any glmsnake Ray cluster: ray start, raylet, GCS, agents, workers, drivers
-    (they carry GLMSNAKE_RAY_JOB in their environment; Ray renames its workers' command lines)."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            environ = (d / "environ").read_bytes()
-            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z" and b"\0GLMSNAKE_RAY_JOB=" in b"\0" + environ:
-            out.append(int(d.name))
-    return out
+        return sorted(set(out) | set(marked_processes()))
 
 
 def _listening(addr: str, port: int) -> bool:

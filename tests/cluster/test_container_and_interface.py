@@ -43,14 +43,23 @@ def _run(wf: config.Workflow, tmp_path: Path, name: str):
     return executors.run_job(wf, wf.preset.convert.torch_dist.allocation, 2, task_env, name, tmp_path / "logs")
 
 
-def test_pyxis_image_and_mounts_reach_srun(slurm_cluster, tmp_path, monkeypatch):
-    shim_log = _shim(tmp_path, monkeypatch, "pyxis")
+def _run_in_container(tmp_path: Path, monkeypatch, runtime: str):
+    """A 2-node x 2-task job with `runtime`, an image and one mount; (workflow, job, mount, shim calls)."""
+    shim_log = _shim(tmp_path, monkeypatch, runtime)
     data = tmp_path / "data"
     data.mkdir()
-    wf = _wf(tmp_path, {"runtime": "pyxis", "image": IMAGE, "mounts": [str(data)]})
-    rec = _run(wf, tmp_path, "pyxis")
+    wf = _wf(tmp_path, {"runtime": runtime, "image": IMAGE, "mounts": [str(data)]})
+    rec = _run(wf, tmp_path, runtime)
     assert [int(e["RANK"]) for e in rec.results] == [0, 1, 2, 3] and len(rec.nodes) == 2
-    calls = [line for line in shim_log.read_text().splitlines() if " srun " in line]
+    calls = [line for line in shim_log.read_text().splitlines() if f" {SHIM_COMMAND[runtime]} " in line]
+    return wf, rec, data, calls
+
+
+SHIM_COMMAND = {"pyxis": "srun", "apptainer": "apptainer"}
+
+
+def test_pyxis_image_and_mounts_reach_srun(slurm_cluster, tmp_path, monkeypatch):
+    wf, _rec, data, calls = _run_in_container(tmp_path, monkeypatch, "pyxis")
     assert len(calls) == 1, calls  # the batch script's one srun launches all 4 tasks
     want = f"--container-image={IMAGE} --container-mount-home --container-mounts={data},{wf.base}"
     assert want in calls[0], calls[0]
@@ -65,13 +74,7 @@ def test_pyxis_refusal_reaches_the_user(slurm_cluster, tmp_path, monkeypatch):
 
 
 def test_apptainer_wraps_every_task(slurm_cluster, tmp_path, monkeypatch):
-    shim_log = _shim(tmp_path, monkeypatch, "apptainer")
-    data = tmp_path / "data"
-    data.mkdir()
-    wf = _wf(tmp_path, {"runtime": "apptainer", "image": IMAGE, "mounts": [str(data)]})
-    rec = _run(wf, tmp_path, "apptainer")
-    assert [int(e["RANK"]) for e in rec.results] == [0, 1, 2, 3]
-    calls = [line for line in shim_log.read_text().splitlines() if " apptainer " in line]
+    wf, rec, data, calls = _run_in_container(tmp_path, monkeypatch, "apptainer")
     assert len(calls) == 4, calls  # one per task, on the task's own node
     assert sorted({c.split()[0] for c in calls}) == sorted(rec.nodes)
     for c in calls:
