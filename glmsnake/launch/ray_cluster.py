@@ -701,6 +701,8 @@ def run_ray_job(
         "head_start_s": ht.get("head_started", 0) - ht["task_start"],
         "cluster_ready_s": ht.get("cluster_ready", 0) - ht["task_start"],
         "submit_to_cluster_ready_s": ht.get("cluster_ready", 0) - t_submit,
+        # From Slurm starting the job (squeue saw it RUNNING, polled every 0.2 s) to ready.
+        "running_to_cluster_ready_s": ht.get("cluster_ready", 0) - rec.timings.get("running", t_submit),
         "driver_s": ht.get("driver_done", 0) - ht.get("cluster_ready", 0),
         "head_teardown_s": ht["teardown_end"] - ht["teardown_start"],
         "driver_exit_to_released_s": (t_end - ht["driver_done"]) if "driver_done" in ht else float("nan"),
