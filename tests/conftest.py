@@ -59,6 +59,13 @@ def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = 
     return proc
 
 
+def run_local(workdir: Path, target: str) -> Path:
+    """`snakemake --profile profiles/local TARGET` for real, outputs in workdir/results; returns that base."""
+    base = workdir / "results"
+    snakemake(workdir, "--profile", str(REPO / "profiles/local"), target, "--config", f"base_dir={base}")
+    return base
+
+
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

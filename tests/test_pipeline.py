@@ -12,16 +12,14 @@ import sys
 
 import pytest
 
-from conftest import REPO, snakemake
+from conftest import REPO, run_local, snakemake
 from test_workflow import jobs_of
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     wd = tmp_path_factory.mktemp("pipeline")
-    base = wd / "results"
-    snakemake(wd, "--profile", str(REPO / "profiles/local"), "all", "--config", f"base_dir={base}")
-    return wd, base
+    return wd, run_local(wd, "all")
 
 
 def dry(pipeline, *config: str) -> dict[str, int]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, snakemake
+from conftest import REPO, run_local, snakemake
 
 PRESETS = ["tiny", "glm4.7-355b-64xh100"]
 
@@ -65,9 +65,7 @@ def test_rulegraph_renders(tmp_path):
 def converted(tmp_path_factory):
     """weights + torch_dist of the tiny preset, run for real once, with the local profile."""
     wd = tmp_path_factory.mktemp("wf")
-    base = wd / "base"
-    snakemake(wd, "--profile", str(REPO / "profiles/local"), "torch_dist", "--config", f"base_dir={base}")
-    return wd, base
+    return wd, run_local(wd, "torch_dist")
 
 
 def dry(wd: Path, base: Path, *targets_and_config: str) -> str:

@@ -65,11 +65,16 @@ def _args(base: Path, target: str, runs: str = SHORT) -> list[str]:
             "--config", "launcher=slurm", f"base_dir={base / 'base'}", "slurm={partition: debug}", f"runs={runs}"]
 
 
+def _timed(base: Path, target: str, env: dict) -> tuple[str, float]:
+    """`snakemake --profile slurm TARGET`: its output and seconds."""
+    t0 = time.time()
+    out = snakemake(base, *_args(base, target), env=env).stdout
+    return out, time.time() - t0
+
+
 @pytest.fixture(scope="module")
 def torch_dist_run(wf_env, base):
-    t0 = time.time()
-    out = snakemake(base, *_args(base, "torch_dist"), env=wf_env).stdout
-    return out, time.time() - t0
+    return _timed(base, "torch_dist", wf_env)
 
 
 def test_profile_torch_dist_two_nodes(slurm_cluster, torch_dist_run, base):
@@ -105,9 +110,7 @@ def test_profile_torch_dist_two_nodes(slurm_cluster, torch_dist_run, base):
 
 @pytest.fixture(scope="module")
 def train_run(wf_env, base, torch_dist_run):
-    t0 = time.time()
-    out = snakemake(base, *_args(base, "train"), env=wf_env).stdout
-    return out, time.time() - t0
+    return _timed(base, "train", wf_env)
 
 
 def test_profile_train_whole_dag_8_nodes(slurm_cluster, train_run, base):
