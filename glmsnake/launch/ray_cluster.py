@@ -338,6 +338,9 @@ def _ray_env(address: str, token: str, extra: dict[str, str]) -> dict[str, str]:
         RAY_AUTH_TOKEN=token,
         RAY_USAGE_STATS_ENABLED="0",
         GLMSNAKE_BIND_ADDR=address,
+        # Ray's agents and workers rename themselves with setproctitle, which may overwrite the
+        # environment block /proc/<pid>/environ shows, and with it JOB_MARK: keep it readable.
+        SPT_NOENV="1",
         PYTHONPATH=os.pathsep.join(pp),
         **extra,
     )

@@ -48,6 +48,18 @@ def _kept_ray_logs(log_dir: Path, job_id: str) -> list[str]:
     return sorted(d.name for d in kept.iterdir() if (d / "raylet.out").is_file()) if kept.is_dir() else []
 
 
+def _describe(pid: int) -> str:
+    """A process as the leftover checks see it: state, command, how much environment /proc shows."""
+    d = Path(f"/proc/{pid}")
+    try:
+        state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ")[:160].decode(errors="replace")
+        env = (d / "environ").read_bytes()
+    except OSError as e:
+        return f"{pid}: gone ({e})"
+    return f"{pid} [{state}] {cmd!r}, environ {len(env)} bytes: {env[:120]!r}"
+
+
 def _alloc(wf, nodes: int, gpus: int = 8, **kw):
     return wf.runs["default"].train.allocation.model_copy(update={"nodes": nodes, "gpus_per_node": gpus, **kw})
 
@@ -204,7 +216,7 @@ def test_killed_worker_raylet_fails_fast_naming_the_node(slurm_cluster, slurm_wf
     # (A process that ends between the two scans is no counterexample: look twice.)
     unmarked = set(_session_members(info["pid"])) - set(marked_processes())
     unmarked &= set(_session_members(info["pid"])) - set(marked_processes())
-    assert not unmarked, f"Ray processes without the job mark: {sorted(unmarked)}"
+    assert not unmarked, f"Ray processes without the job mark: {[_describe(p) for p in sorted(unmarked)]}"
     killed_at = time.time()
     os.kill(raylets[0], signal.SIGKILL)
     t.join(timeout=120)
