@@ -1,11 +1,13 @@
 """Ray bring-up on the Slurm test cluster: job start -> N nodes & GPUs registered, driver exit -> released.
 
-    python benchmarks/ray_bringup.py [--nodes 8] [--slots 1] [--repeat 1]
+    python benchmarks/ray_bringup.py [--nodes 8] [--slots 8] [--repeat 1] [--worker-log-monitor on|off|both]
 
 Needs the loopback test cluster (`python -m tests.cluster.slurm_cluster up`; SLURM_CONF set) or
 starts one itself with --start-cluster. Goals (issue 5, 2 cores): job start (Slurm runs it) -> ready
 <= 20 s, driver exit -> released <= 10 s; "from sbatch" adds Slurm's scheduling of the job.
-Also reports the CPU seconds one idle raylet node costs (head and worker process sessions).
+Also reports the CPU seconds one idle raylet node costs (head and worker process sessions), and
+how busy the whole machine was between job start and ready (CPU-bound or not). `both` runs each
+repetition without, then with, the worker nodes' log monitors and prints the ratio.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +36,64 @@ def trivial_driver(head: str) -> Driver:
     return Driver(argv=[sys.executable, "-c", code], cwd=str(REPO), env={})
 
 
+class CpuSampler:
+    """Machine-wide busy/idle CPU time (/proc/stat) sampled in the background: was a window CPU-bound?"""
+
+    def __init__(self, every_s: float = 0.2):
+        self.samples: list[tuple[float, int, int]] = []  # (time, idle jiffies, all jiffies)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
+
+    def _run(self, every_s: float) -> None:
+        while not self._stop.is_set():
+            fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+            self.samples.append((time.time(), fields[3] + fields[4], sum(fields[:8])))
+            self._stop.wait(every_s)
+
+    def __enter__(self) -> "CpuSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def window(self, start: float, end: float) -> tuple[float, float]:
+        """(busy CPU-s, idle CPU-s) between the samples nearest to start and end."""
+        a = min(self.samples, key=lambda s: abs(s[0] - start))
+        b = min(self.samples, key=lambda s: abs(s[0] - end))
+        tck = os.sysconf("SC_CLK_TCK")
+        idle, total = (b[1] - a[1]) / tck, (b[2] - a[2]) / tck
+        return total - idle, idle
+
+
+def one_run(wf, alloc, name: str, base: Path, nodes: int, slots: int) -> float:
+    """One 8-node job with a trivial driver; prints the timings; returns job start -> ready (s)."""
+    t0 = time.time()
+    with CpuSampler() as cpu:
+        r = run_ray_job(wf, alloc, functools.partial(trivial_driver), name, base / "logs", object_store_mb=128)
+    t = r.timings
+    # t0 is the submit time to within milliseconds (run_ray_job only builds its spec first).
+    busy, idle = cpu.window(t0 + t["submit_to_running_s"], t0 + t["submit_to_cluster_ready_s"])
+    monitor = os.environ.get("GLMSNAKE_RAY_WORKER_LOG_MONITOR", "1") != "0"
+    print(json.dumps({"exit_code": r.exit_code, "nodes": len(r.nodes), "gpus": r.gpus, "slots": slots,
+                      "worker_log_monitor": monitor, **{k: round(v, 2) for k, v in t.items()}}))
+    head_cpu = next(iter(r.cpu.values()), {})
+    workers_cpu = [c for c in list(r.cpu.values())[1:] if c]
+    kinds = sorted({k for c in workers_cpu for k in c})
+    mean = {k: round(sum(c.get(k, 0.0) for c in workers_cpu) / max(1, len(workers_cpu)), 2) for k in kinds}
+    print(json.dumps({"cpu_s_head": head_cpu, "cpu_s_per_worker_mean": mean,
+                      "cpu_s_total": round(sum(sum(c.values()) for c in r.cpu.values()), 1),
+                      "machine_cpu_s_job_start_to_ready": {"busy": round(busy, 1), "idle": round(idle, 1)}}))
+    print(f"[worker log monitors {'on' if monitor else 'off'}] head start {t['head_start_s']:.1f}s "
+          f"| workers joined {t.get('last_worker_joined_s', 0):.1f}s "
+          f"| job start -> {nodes} nodes/{r.gpus:.0f} GPUs {t['running_to_cluster_ready_s']:.1f}s (goal 20; "
+          f"from sbatch {t['submit_to_cluster_ready_s']:.1f}s; machine busy {busy:.0f} of {busy + idle:.0f} CPU-s) "
+          f"| driver exit -> released {t['driver_exit_to_released_s']:.1f}s (goal 10; head teardown "
+          f"{t['head_teardown_s']:.1f}s) | total {time.time() - t0:.1f}s", flush=True)
+    return t["running_to_cluster_ready_s"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", type=int, default=8)
@@ -40,7 +101,9 @@ def main() -> int:
     ap.add_argument("--slots", type=int, default=8, help="concurrent `ray start --address` per host")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--start-cluster", action="store_true")
+    ap.add_argument("--worker-log-monitor", choices=("on", "off", "both"), default="on")
     a = ap.parse_args()
+    monitors = {"on": ["1"], "off": ["0"], "both": ["0", "1"]}[a.worker_log_monitor]
     os.environ["GLMSNAKE_RAY_START_SLOTS"] = str(a.slots)
     cluster = None
     if a.start_cluster:
@@ -55,23 +118,13 @@ def main() -> int:
         alloc = wf.runs["default"].train.allocation.model_copy(
             update={"nodes": a.nodes, "gpus_per_node": a.gpus_per_node})
         for i in range(a.repeat):
-            t0 = time.time()
-            r = run_ray_job(wf, alloc, functools.partial(trivial_driver), f"bench{i}", base / "logs",
-                            object_store_mb=128)
-            t = r.timings
-            print(json.dumps({"exit_code": r.exit_code, "nodes": len(r.nodes), "gpus": r.gpus, "slots": a.slots,
-                              **{k: round(v, 2) for k, v in t.items()}}))
-            head_cpu = next(iter(r.cpu.values()), {})
-            workers_cpu = [c for c in list(r.cpu.values())[1:] if c]
-            kinds = sorted({k for c in workers_cpu for k in c})
-            mean = {k: round(sum(c.get(k, 0.0) for c in workers_cpu) / max(1, len(workers_cpu)), 2) for k in kinds}
-            print(json.dumps({"cpu_s_head": head_cpu, "cpu_s_per_worker_mean": mean,
-                              "cpu_s_total": round(sum(sum(c.values()) for c in r.cpu.values()), 1)}))
-            print(f"head start {t['head_start_s']:.1f}s | workers joined {t.get('last_worker_joined_s', 0):.1f}s "
-                  f"| job start -> {a.nodes} nodes/{r.gpus:.0f} GPUs {t['running_to_cluster_ready_s']:.1f}s (goal 20; "
-                  f"from sbatch {t['submit_to_cluster_ready_s']:.1f}s) "
-                  f"| driver exit -> released {t['driver_exit_to_released_s']:.1f}s (goal 10; head teardown "
-                  f"{t['head_teardown_s']:.1f}s) | total {time.time() - t0:.1f}s", flush=True)
+            ready: dict[str, float] = {}
+            for monitor in monitors:
+                os.environ["GLMSNAKE_RAY_WORKER_LOG_MONITOR"] = monitor  # read when run_ray_job makes its spec
+                ready[monitor] = one_run(wf, alloc, f"bench{i}m{monitor}", base, a.nodes, a.slots)
+            if len(ready) == 2:
+                print(f"worker log monitors on/off: job start -> ready {ready['1']:.1f}s / {ready['0']:.1f}s "
+                      f"= {ready['1'] / ready['0']:.2f}x", flush=True)
     finally:
         if cluster:
             cluster.down()

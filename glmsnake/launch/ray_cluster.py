@@ -75,11 +75,11 @@ class RaySpec:
     worker_ports: int = field(default_factory=lambda: int(os.environ.get("GLMSNAKE_RAY_WORKER_PORTS", "200")))
     # Concurrent `ray start --address` on one host (per-node temp dirs make them safe).
     start_slots: int = field(default_factory=lambda: int(os.environ.get("GLMSNAKE_RAY_START_SLOTS", "8")))
-    # Worker nodes skip Ray's log monitor (one Python process per node that only forwards
-    # worker stdout to the driver); the head keeps it, so the driver's own output and that of
-    # actors on the head still stream. Worker-node actor logs stay in that node's Ray logs.
+    # Every node runs Ray's log monitor, which forwards what actors print to the driver (slime's
+    # training and rollout actors log there). GLMSNAKE_RAY_WORKER_LOG_MONITOR=0 leaves it out on
+    # worker nodes (one Python process each; benchmarks/ray_bringup.py compares both).
     worker_log_monitor: bool = field(
-        default_factory=lambda: os.environ.get("GLMSNAKE_RAY_WORKER_LOG_MONITOR", "0") == "1")
+        default_factory=lambda: os.environ.get("GLMSNAKE_RAY_WORKER_LOG_MONITOR", "1") != "0")
     join_attempts: int = 3
     early_join: bool = True  # workers get the head's address before the head has started
     ready_timeout_s: float = 300.0
@@ -341,6 +341,8 @@ def _ray_env(address: str, token: str, extra: dict[str, str]) -> dict[str, str]:
         # Ray's agents and workers rename themselves with setproctitle, which may overwrite the
         # environment block /proc/<pid>/environ shows, and with it JOB_MARK: keep it readable.
         SPT_NOENV="1",
+        # The driver's output (with what actors print) goes to log files: no colour codes.
+        RAY_COLOR_PREFIX="0",
         PYTHONPATH=os.pathsep.join(pp),
         **extra,
     )

@@ -141,7 +141,7 @@ def test_time_shorter_than_step_minimum(slurm_wf):
 def test_ray_8_nodes_64_gpus_exit_code(slurm_cluster, slurm_wf, tmp_path, nodes, code):
     log = tmp_path / "train.log"
     r = run_ray_job(slurm_wf, _alloc(slurm_wf, nodes),
-                    functools.partial(_test_driver, nodes=nodes, gpus=8 * nodes, code=code),
+                    functools.partial(_test_driver, nodes=nodes, gpus=8 * nodes, code=code, linger=3),
                     "train", tmp_path / "logs", log, object_store_mb=128)
     print(json.dumps(r.timings, indent=1))
     assert r.exit_code == code, log.read_text()[-3000:]
@@ -150,6 +150,8 @@ def test_ray_8_nodes_64_gpus_exit_code(slurm_cluster, slurm_wf, tmp_path, nodes,
     assert rep["nodes"] == nodes and rep["gpus"] == 8 * nodes and rep["actors"] == 8 * nodes
     assert rep["actor_node_ids"] == rep["node_ids"] and len(rep["node_ids"]) == nodes
     assert rep["node_ips"] == [f"127.0.0.{10 + k}" for k in range(1, nodes + 1)]
+    # What actors print reaches the driver's log from every node, as Ray users expect (log monitors).
+    assert sorted(set(re.findall(r"GLMSNAKE_PROBE ip=(127\.[0-9.]+[0-9])", log.read_text()))) == rep["node_ips"]
     assert rep["http_proxy"] is None
     assert {n["slurm_node"] for n in r.ray_nodes} == set(r.nodes)
     _no_ray_left(slurm_cluster, r.slurm_job_id)
