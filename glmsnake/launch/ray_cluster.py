@@ -34,6 +34,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -593,8 +594,11 @@ def _worker(spec: RaySpec, rank: int, node: str, address: str, job_dir: Path, jo
                     break
                 except RayStartFailed as e:
                     last_err = str(e)
+                    print(f"[glmsnake] {node}: Ray join attempt {attempt} failed, retrying: {_tail(last_err, 1)}",
+                          file=sys.stderr, flush=True)
                     proc.stop()
-                    proc.remove_temp()
+                    # Its Ray logs tell why (the job may still succeed: they are kept apart from ray-logs/).
+                    proc.remove_temp(job_dir / "ray-join-failures" / f"{node}.attempt{attempt}")
                     proc = None
             time.sleep(1.0 * attempt)
         if proc is None:

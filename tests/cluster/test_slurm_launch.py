@@ -186,6 +186,25 @@ def test_two_ray_jobs_at_once_do_not_collide(slurm_cluster, slurm_wf, tmp_path):
     _no_ray_left(slurm_cluster, results[0].slurm_job_id, results[1].slurm_job_id)
 
 
+def test_failed_join_is_retried(slurm_cluster, slurm_wf, tmp_path, monkeypatch):
+    """A worker's first `ray start --address` fails (test-only shim on PATH): it joins on the retry."""
+    shims = tmp_path / "shim"
+    shims.mkdir()
+    monkeypatch.setenv("PATH", f"{REPO / 'tests/cluster/fault_shims'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("GLMSNAKE_SHIM_DIR", str(shims))
+    log = tmp_path / "train.log"
+    r = run_ray_job(slurm_wf, _alloc(slurm_wf, 2), functools.partial(_test_driver, nodes=2, gpus=16),
+                    "retry", tmp_path / "logs", log, object_store_mb=128)
+    assert r.exit_code == 0, log.read_text()[-3000:]
+    assert sorted(p.name for p in shims.iterdir()) == ["join-failed.node2"]  # the head never joins
+    assert _report(log)["nodes"] == 2 and r.gpus == 16
+    job_dir = tmp_path / "logs" / "submitit" / r.slurm_job_id
+    err = (job_dir / f"{r.slurm_job_id}_1_log.err").read_text()
+    assert "node2: Ray join attempt 1 failed, retrying: ray shim: simulated join failure on node2" in err, err[-2000:]
+    assert "attempt 2" not in err
+    _no_ray_left(slurm_cluster, r.slurm_job_id)
+
+
 def test_killed_worker_raylet_fails_fast_naming_the_node(slurm_cluster, slurm_wf, tmp_path):
     logs = tmp_path / "logs"
     box: dict[str, object] = {}
