@@ -26,8 +26,8 @@ def fail_on_rank_1() -> int:
     return 0
 
 
-def test_driver(head: str, nodes: int, gpus: int, code: int = 0, sleep: float = 0.0, linger: float = 0.0) -> Driver:
+def test_driver(head: str, nodes: int, gpus: int, code: int = 0, sleep: float = 0.0) -> Driver:
     argv = [sys.executable, "tests/cluster/ray_test_driver.py", "--nodes", str(nodes), "--gpus", str(gpus),
-            "--exit-code", str(code), "--sleep", str(sleep), "--linger", str(linger)]
+            "--exit-code", str(code), "--sleep", str(sleep)]
     # RAY_DEDUP_LOGS=0: the probes' lines differ only in digits, which Ray's dedup would merge.
     return Driver(argv=argv, cwd=str(REPO), env={"no_proxy": f"localhost,127.0.0.1,{head}", "RAY_DEDUP_LOGS": "0"})

@@ -1,13 +1,13 @@
 """Test-only stand-in for slime's train.py: run by the launcher through the Ray Jobs SDK.
 
-    python tests/cluster/ray_test_driver.py --nodes 8 --gpus 64 [--exit-code N] [--sleep S] [--linger S]
+    python tests/cluster/ray_test_driver.py --nodes 8 --gpus 64 [--exit-code N] [--sleep S]
 
 Connects to the cluster, checks it sees `--nodes` nodes and `--gpus` GPUs, places one actor
 per GPU (num_gpus=1) and checks the actors ran on every node (each actor prints
 `GLMSNAKE_PROBE ip=<its node>`, which Ray forwards to this driver's output); prints a JSON line
-`GLMSNAKE_TEST_DRIVER {...}`; sleeps `--sleep` seconds (to kill a raylet meanwhile), then
-exits with `--exit-code`, `--linger` seconds after the actors are gone (their output is
-forwarded asynchronously by each node's log monitor).
+`GLMSNAKE_TEST_DRIVER {...}`; sleeps `--sleep` seconds (to kill a raylet meanwhile, or to let
+the nodes' log monitors forward the actors' output, which is asynchronous), then exits with
+`--exit-code`.
 """
 
 import argparse
@@ -23,7 +23,6 @@ def main() -> int:
     ap.add_argument("--gpus", type=int, required=True)
     ap.add_argument("--exit-code", type=int, default=0)
     ap.add_argument("--sleep", type=float, default=0.0)
-    ap.add_argument("--linger", type=float, default=0.0)
     a = ap.parse_args()
 
     import ray
@@ -56,7 +55,6 @@ def main() -> int:
     ok = report["nodes"] == a.nodes and gpus == a.gpus and len(set(report["actor_node_ids"])) == a.nodes
     for x in actors:
         ray.kill(x)
-    time.sleep(a.linger)
     if a.sleep:
         print(f"sleeping {a.sleep}s", flush=True)
         time.sleep(a.sleep)

@@ -141,7 +141,7 @@ def test_time_shorter_than_step_minimum(slurm_wf):
 def test_ray_8_nodes_64_gpus_exit_code(slurm_cluster, slurm_wf, tmp_path, nodes, code):
     log = tmp_path / "train.log"
     r = run_ray_job(slurm_wf, _alloc(slurm_wf, nodes),
-                    functools.partial(_test_driver, nodes=nodes, gpus=8 * nodes, code=code, linger=3),
+                    functools.partial(_test_driver, nodes=nodes, gpus=8 * nodes, code=code, sleep=3),
                     "train", tmp_path / "logs", log, object_store_mb=128)
     print(json.dumps(r.timings, indent=1))
     assert r.exit_code == code, log.read_text()[-3000:]
