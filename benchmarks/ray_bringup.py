@@ -16,7 +16,6 @@ import argparse
 import functools
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -68,23 +67,8 @@ class CpuSampler:
         return total - idle, idle
 
 
-def import_ray_yardstick_s() -> float:
-    """This machine's speed right now: wall seconds of one `python -c 'import ray'` per core, all at
-    once (best of 3). A Ray node start is mostly such imports, and on a shared host the cores' speed
-    varies by 1.5x from hour to hour, so bring-up is also printed in these units."""
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        procs = [subprocess.Popen([sys.executable, "-c", "import ray"]) for _ in range(os.cpu_count() or 1)]
-        if any(p.wait() for p in procs):
-            raise RuntimeError("`python -c 'import ray'` failed")
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def one_run(wf, alloc, name: str, base: Path, nodes: int, slots: int) -> float:
     """One 8-node job with a trivial driver; prints the timings; returns job start -> ready (s)."""
-    yardstick = import_ray_yardstick_s()
     t0 = time.time()
     with CpuSampler() as cpu:
         r = run_ray_job(wf, alloc, functools.partial(trivial_driver), name, base / "logs", object_store_mb=128)
@@ -106,9 +90,7 @@ def one_run(wf, alloc, name: str, base: Path, nodes: int, slots: int) -> float:
           f"| job start -> {nodes} nodes/{r.gpus:.0f} GPUs {t['running_to_cluster_ready_s']:.1f}s (goal 20; "
           f"from sbatch {t['submit_to_cluster_ready_s']:.1f}s; machine busy {busy:.0f} of {busy + idle:.0f} CPU-s) "
           f"| driver exit -> released {t['driver_exit_to_released_s']:.1f}s (goal 10; head teardown "
-          f"{t['head_teardown_s']:.1f}s) | total {time.time() - t0:.1f}s "
-          f"| yardstick (`import ray` on every core) {yardstick:.2f}s: ready = {t['running_to_cluster_ready_s'] / yardstick:.0f}x",
-          flush=True)
+          f"{t['head_teardown_s']:.1f}s) | total {time.time() - t0:.1f}s", flush=True)
     return t["running_to_cluster_ready_s"]
 
 
