@@ -9,7 +9,7 @@ import sys
 from glmsnake.launch.ray_cluster import JOB_MARK, _ray_env, marked_processes
 
 RENAME_AND_WAIT = (
-    "import sys, time, ray._raylet\n"
+    "import time, ray._raylet\n"
     "ray._raylet.setproctitle('ray::DashboardAgent' + ' ' * 400)\n"  # longer than argv: spills into environ
     "print('renamed', flush=True)\n"
     "time.sleep(60)\n"
