@@ -8,6 +8,7 @@ address, and the loopback test cluster gives each node its own 127.0.0.1x addres
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import ipaddress
 import os
@@ -90,20 +91,73 @@ def free_port(address: str, rng: random.Random | None = None, avoid: set[int] | 
     raise GlmsnakeError(f"no free port in {PORT_LOW}-{high} on {address}")
 
 
-def free_port_block(address: str, count: int, rng: random.Random | None = None) -> int:
-    """First port of `count` consecutive ports all free on `address` (below the ephemeral range)."""
+# Ray's C++ servers (GCS, raylet, workers' gRPC) listen on every address of the host whatever
+# --node-ip-address says, so a port is one host-wide resource: two Ray nodes on one host (two
+# jobs sharing a node, or the loopback test cluster) must never pick overlapping blocks. Blocks
+# are reserved here under a lock, one per process, and count while that process lives.
+PORT_RESERVATIONS = "/tmp/glmsnake-ports"
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of `pid` (with the pid, a process identity that survives pid reuse)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _live_reservations(folder: str) -> list[tuple[int, int]]:
+    """(first port, count) of the blocks reserved by processes that still run; the lock is held,
+    so those of ended processes are deleted."""
+    out = []
+    for name in os.listdir(folder):
+        if not name.isdigit():
+            continue
+        try:
+            with open(os.path.join(folder, name)) as f:
+                base, count, started = f.read().split()
+        except (OSError, ValueError):
+            continue
+        if _process_start(int(name)) == started:
+            out.append((int(base), int(count)))
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
+    return out
+
+
+def free_port_block(count: int, rng: random.Random | None = None, folder: str = PORT_RESERVATIONS) -> int:
+    """First port of `count` consecutive ports, free on every address of this host and reserved
+    for this process (replacing its earlier reservation) until it exits; below the ephemeral range."""
     rng = rng or random.Random()
     high = ephemeral_low() - count - 1
-    for _ in range(200):
-        base = rng.randrange(PORT_LOW, high)
-        ok = True
-        for p in range(base, base + count):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                try:
-                    s.bind((address, p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise GlmsnakeError(f"no block of {count} free ports in {PORT_LOW}-{high} on {address}")
+    os.makedirs(folder, exist_ok=True)
+    with contextlib.suppress(PermissionError):
+        os.chmod(folder, 0o1777)
+    with open(os.path.join(folder, "lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        me = os.path.join(folder, str(os.getpid()))
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(me)  # this process's earlier block (a retried join) is given up
+        taken = _live_reservations(folder)
+        for _ in range(200):
+            base = rng.randrange(PORT_LOW, high)
+            if any(base < b + n and b < base + count for b, n in taken):
+                continue
+            if all(_bindable_everywhere(p) for p in range(base, base + count)):
+                tmp = f"{me}.tmp"
+                with open(tmp, "w") as f:
+                    f.write(f"{base} {count} {_process_start(os.getpid())}\n")
+                os.replace(tmp, me)
+                return base
+    raise GlmsnakeError(f"no block of {count} free ports in {PORT_LOW}-{high} on this host")
+
+
+def _bindable_everywhere(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("", port))  # fails if any address of the host has the port bound
+        except OSError:
+            return False
+    return True

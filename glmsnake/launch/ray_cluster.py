@@ -353,8 +353,8 @@ def _ray_env(address: str, token: str, extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def _ports(address: str, count: int) -> list[int]:
-    base = addresses.free_port_block(address, count)
+def _ports(count: int) -> list[int]:
+    base = addresses.free_port_block(count)
     return list(range(base, base + count))
 
 
@@ -456,7 +456,7 @@ def _head(spec: RaySpec, node: str, address: str, job_dir: Path, job_id: str) ->
     t: dict[str, float] = {"task_start": time.time()}
     token = secrets.token_hex(24)
     _write_json(job_dir / "ray.token.json", {"token": token}, mode=0o600)
-    ports = _ports(address, 16 + spec.worker_ports)
+    ports = _ports(16 + spec.worker_ports)
     gcs_port, dash_port, client_port, dash_metric, as_metric = ports[6], ports[7], ports[8], ports[9], ports[11]
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)  # for our own GCS/Jobs clients
     env = _ray_env(address, token, {**spec.extra_env, JOB_MARK: node_mark(job_id, 0),
@@ -583,7 +583,7 @@ def _worker(spec: RaySpec, rank: int, node: str, address: str, job_dir: Path, jo
         for attempt in range(1, spec.join_attempts + 1):
             with _start_slot(spec.start_slots):
                 t.setdefault("slot_acquired", time.time())
-                ports = _ports(address, 10 + spec.worker_ports)
+                ports = _ports(10 + spec.worker_ports)
                 argv = ["ray", "start", f"--address={head['gcs']}", f"--temp-dir={temp_dir(job_id, rank)}",
                         *_node_args(address, ports, spec)]
                 if not spec.worker_log_monitor:
