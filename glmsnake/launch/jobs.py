@@ -58,6 +58,11 @@ class _LogStreamer(threading.Thread):
             self.error = f"{type(e).__name__}: {e}"
 
 
+def _stop_quietly(client: Any, job_id: str) -> None:
+    with contextlib.suppress(Exception):
+        client.stop_job(job_id)
+
+
 def submit_and_wait(
     dashboard_url: str,
     driver: Any,
@@ -100,8 +105,12 @@ def submit_and_wait(
                 watch()
             time.sleep(poll_s)
     except BaseException:
-        with contextlib.suppress(Exception):
-            client.stop_job(job_id)
+        # Ask Ray to stop the driver, but wait at most 1 s: on a Slurm cancel the dashboard is being
+        # killed too, and the node teardown after this (which stops the driver anyway) must fit
+        # in KillWait.
+        stopper = threading.Thread(target=_stop_quietly, args=(client, job_id), daemon=True)
+        stopper.start()
+        stopper.join(1.0)
         raise
     info = client.get_job_info(job_id)
     streamer.join(timeout=5)
