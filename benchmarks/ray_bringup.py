@@ -3,8 +3,9 @@
     python benchmarks/ray_bringup.py [--nodes 8] [--slots 8] [--repeat 1] [--worker-log-monitor on|off|both]
 
 Needs the loopback test cluster (`python -m tests.cluster.slurm_cluster up`; SLURM_CONF set) or
-starts one itself with --start-cluster. Goals (issue 5, 2 cores): job start (Slurm runs it) -> ready
-<= 20 s, driver exit -> released <= 10 s; "from sbatch" adds Slurm's scheduling of the job.
+starts one itself with --start-cluster (then in a loopback-only network namespace, tests/netns.py).
+Goals (issue 5, 2 cores): job start (Slurm runs it) -> ready <= 20 s, driver exit -> released
+<= 10 s; "from sbatch" adds Slurm's scheduling of the job.
 Also reports the CPU seconds one idle raylet node costs (head and worker process sessions), and
 how busy the whole machine was between job start and ready (CPU-bound or not). `both` runs each
 repetition without, then with, the worker nodes' log monitors and prints the ratio.
@@ -107,6 +108,10 @@ def main() -> int:
     os.environ["GLMSNAKE_RAY_START_SLOTS"] = str(a.slots)
     cluster = None
     if a.start_cluster:
+        sys.path.insert(0, str(REPO / "tests"))
+        import netns  # the cluster and Ray live in a loopback-only network namespace, as in the tests
+
+        print(f"network: {netns.enter_loopback_only() or 'own namespace, loopback only'}", flush=True)
         from tests.cluster.slurm_cluster import Cluster
 
         cluster = Cluster(Path(tempfile.mkdtemp(prefix="gsb", dir="/tmp")))

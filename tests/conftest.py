@@ -13,6 +13,30 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+_NETWORK = "host network"
+
+
+def pytest_configure(config):
+    """Before anything starts: the session gets a loopback-only network namespace (tests/netns.py).
+
+    Left out for a cluster started by hand (GLMSNAKE_SLURM_REUSE: it lives in the host's
+    namespace) or with GLMSNAKE_TEST_NETNS=0.
+    """
+    global _NETWORK
+    import netns
+
+    if os.environ.get("GLMSNAKE_SLURM_REUSE"):
+        _NETWORK = "host network (GLMSNAKE_SLURM_REUSE: the cluster runs there)"
+    elif os.environ.get("GLMSNAKE_TEST_NETNS", "1") == "0":
+        _NETWORK = "host network (GLMSNAKE_TEST_NETNS=0)"
+    else:
+        why = netns.enter_loopback_only()
+        _NETWORK = f"host network ({why})" if why else "own network namespace, loopback only"
+
+
+def pytest_report_header(config):
+    return f"glmsnake tests: {_NETWORK}"
+
 
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory) -> Path:
