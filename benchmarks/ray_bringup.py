@@ -1,6 +1,7 @@
 """Ray bring-up on the Slurm test cluster: job start -> N nodes & GPUs registered, driver exit -> released.
 
     python benchmarks/ray_bringup.py [--nodes 8] [--slots 8] [--repeat 1] [--worker-log-monitor on|off|both]
+                                     [--python-also OTHER_VENV/bin/python]
 
 Needs the loopback test cluster (`python -m tests.cluster.slurm_cluster up`; SLURM_CONF set) or
 starts one itself with --start-cluster (then in a loopback-only network namespace, tests/netns.py).
@@ -8,7 +9,10 @@ Goals (issue 5, 2 cores): job start (Slurm runs it) -> ready <= 20 s, driver exi
 <= 10 s; "from sbatch" adds Slurm's scheduling of the job.
 Also reports the CPU seconds one idle raylet node costs (head and worker process sessions), and
 how busy the whole machine was between job start and ready (CPU-bound or not). `both` runs each
-repetition without, then with, the worker nodes' log monitors and prints the ratio.
+repetition without, then with, the worker nodes' log monitors and prints the ratio. `--python-also`
+runs each repetition a second time with another environment's interpreter (its `ray`, its submitit
+tasks, so every Ray process) on the same cluster, and prints the ratio: e.g. a venv of pyenv's
+CPython (no PGO/LTO) against one of Debian's.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import functools
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -68,6 +73,25 @@ class CpuSampler:
         return total - idle, idle
 
 
+def interpreter(python: str = sys.executable) -> str:
+    """The base interpreter behind a (venv) python, for the report."""
+    code = "import os, sys; print(os.path.realpath(getattr(sys, '_base_executable', sys.executable)))"
+    if python == sys.executable:
+        return os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    return subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def run_with(python: str, nodes: int, slots: int, monitor: str) -> float:
+    """One repetition by `python` (another venv) on this cluster; returns its job start -> ready (s)."""
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(python).parent), os.environ["PATH"]])}
+    argv = [python, __file__, "--nodes", str(nodes), "--slots", str(slots),
+            "--worker-log-monitor", {"1": "on", "0": "off"}[monitor]]
+    out = subprocess.run(argv, env=env, stdout=subprocess.PIPE, text=True, check=True).stdout
+    print(out, end="", flush=True)
+    return next(json.loads(line)["running_to_cluster_ready_s"] for line in out.splitlines()
+                if line.startswith("{") and "running_to_cluster_ready_s" in line)
+
+
 def one_run(wf, alloc, name: str, base: Path, nodes: int, slots: int) -> float:
     """One 8-node job with a trivial driver; prints the timings; returns job start -> ready (s)."""
     t0 = time.time()
@@ -86,7 +110,7 @@ def one_run(wf, alloc, name: str, base: Path, nodes: int, slots: int) -> float:
     print(json.dumps({"cpu_s_head": head_cpu, "cpu_s_per_worker_mean": mean,
                       "cpu_s_total": round(sum(sum(c.values()) for c in r.cpu.values()), 1),
                       "machine_cpu_s_job_start_to_ready": {"busy": round(busy, 1), "idle": round(idle, 1)}}))
-    print(f"[worker log monitors {'on' if monitor else 'off'}] head start {t['head_start_s']:.1f}s "
+    print(f"[{interpreter()}, worker log monitors {'on' if monitor else 'off'}] head start {t['head_start_s']:.1f}s "
           f"| workers joined {t.get('last_worker_joined_s', 0):.1f}s "
           f"| job start -> {nodes} nodes/{r.gpus:.0f} GPUs {t['running_to_cluster_ready_s']:.1f}s (goal 20; "
           f"from sbatch {t['submit_to_cluster_ready_s']:.1f}s; machine busy {busy:.0f} of {busy + idle:.0f} CPU-s) "
@@ -103,6 +127,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--start-cluster", action="store_true")
     ap.add_argument("--worker-log-monitor", choices=("on", "off", "both"), default="on")
+    ap.add_argument("--python-also", help="another environment's python: each repetition runs with it too")
     a = ap.parse_args()
     monitors = {"on": ["1"], "off": ["0"], "both": ["0", "1"]}[a.worker_log_monitor]
     os.environ["GLMSNAKE_RAY_START_SLOTS"] = str(a.slots)
@@ -127,6 +152,10 @@ def main() -> int:
             for monitor in monitors:
                 os.environ["GLMSNAKE_RAY_WORKER_LOG_MONITOR"] = monitor  # read when run_ray_job makes its spec
                 ready[monitor] = one_run(wf, alloc, f"bench{i}m{monitor}", base, a.nodes, a.slots)
+                if a.python_also:
+                    other = run_with(a.python_also, a.nodes, a.slots, monitor)
+                    print(f"{interpreter(a.python_also)} / {interpreter()}: job start -> ready "
+                          f"{other:.1f}s / {ready[monitor]:.1f}s = {other / ready[monitor]:.2f}x", flush=True)
             if len(ready) == 2:
                 print(f"worker log monitors on/off: job start -> ready {ready['1']:.1f}s / {ready['0']:.1f}s "
                       f"= {ready['1'] / ready['0']:.2f}x", flush=True)
