@@ -76,8 +76,6 @@ class CpuSampler:
 def interpreter(python: str = sys.executable) -> str:
     """The base interpreter behind a (venv) python, for the report."""
     code = "import os, sys; print(os.path.realpath(getattr(sys, '_base_executable', sys.executable)))"
-    if python == sys.executable:
-        return os.path.realpath(getattr(sys, "_base_executable", sys.executable))
     return subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
 
 
@@ -136,7 +134,8 @@ def main() -> int:
         sys.path.insert(0, str(REPO / "tests"))
         import netns  # the cluster and Ray live in a loopback-only network namespace, as in the tests
 
-        print(f"network: {netns.enter_loopback_only() or 'own namespace, loopback only'}", flush=True)
+        why_not = netns.enter_loopback_only()
+        print(f"network: {f'host ({why_not})' if why_not else 'own namespace, loopback only'}", flush=True)
         from tests.cluster.slurm_cluster import Cluster
 
         cluster = Cluster(Path(tempfile.mkdtemp(prefix="gsb", dir="/tmp")))
