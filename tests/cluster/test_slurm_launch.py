@@ -202,6 +202,10 @@ def test_failed_join_is_retried(slurm_cluster, slurm_wf, tmp_path, monkeypatch):
     err = (job_dir / f"{r.slurm_job_id}_1_log.err").read_text()
     assert "node2: Ray join attempt 1 failed, retrying: ray shim: simulated join failure on node2" in err, err[-2000:]
     assert "attempt 2" not in err
+    # The failed attempt's Ray logs are kept apart from ray-logs/ (which means a failed job).
+    kept = job_dir / "ray-join-failures" / "node2.attempt1" / "raylet.err"
+    assert kept.read_text() == "raylet: simulated failure on node2\n"
+    assert not (job_dir / "ray-logs").exists()
     _no_ray_left(slurm_cluster, r.slurm_job_id)
 
 
