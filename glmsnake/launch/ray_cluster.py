@@ -532,15 +532,16 @@ def _head(spec: RaySpec, node: str, address: str, job_dir: Path, job_id: str) ->
         result.update(exit_code=jr.exit_code, ray_job_id=jr.job_id, status=jr.status, message=jr.message)
         return result
     finally:
-        ok = result.get("exit_code") == 0  # also False when this raised: the workers keep their logs too
-        _write_json(job_dir / "ray.done.json", {"at": time.time(), "ok": ok})
-        t["teardown_start"] = time.time()
-        result["cpu"] = proc.cpu_seconds()
-        proc.stop()
-        proc.remove_temp(None if ok else ray_logs_dir(job_dir, node))
-        t["teardown_end"] = time.time()
-        result["timings"] = t
-        _write_json(job_dir / "ray.head.timings.json", t)
+        with signals.shielded():  # e.g. a worker's failure started it, and Slurm's SIGTERM follows
+            ok = result.get("exit_code") == 0  # also False when this raised: the workers keep their logs too
+            _write_json(job_dir / "ray.done.json", {"at": time.time(), "ok": ok})
+            t["teardown_start"] = time.time()
+            result["cpu"] = proc.cpu_seconds()
+            proc.stop()
+            proc.remove_temp(None if ok else ray_logs_dir(job_dir, node))
+            t["teardown_end"] = time.time()
+            result["timings"] = t
+            _write_json(job_dir / "ray.head.timings.json", t)
 
 
 def _addr_to_node(job_dir: Path, n: int, head_node: str, head_addr: str) -> dict[str, str]:
@@ -628,14 +629,15 @@ def _worker(spec: RaySpec, rank: int, node: str, address: str, job_dir: Path, jo
                         {"node": node, "address": address, "error": f"{type(e).__name__}: {str(e)[:2000]}"})
         raise
     finally:
-        if proc is not None:
-            cpu.update(proc.cpu_seconds())
-            proc.stop()
-            keep = failed or (_read_json(done_file) or {}).get("ok") is False
-            proc.remove_temp(ray_logs_dir(job_dir, node) if keep else None)
-        t["stopped"] = time.time()
-        with contextlib.suppress(OSError):
-            _write_json(job_dir / f"ray.worker{rank}.stopped.json", {"at": t["stopped"]})
+        with signals.shielded():
+            if proc is not None:
+                cpu.update(proc.cpu_seconds())
+                proc.stop()
+                keep = failed or (_read_json(done_file) or {}).get("ok") is False
+                proc.remove_temp(ray_logs_dir(job_dir, node) if keep else None)
+            t["stopped"] = time.time()
+            with contextlib.suppress(OSError):
+                _write_json(job_dir / f"ray.worker{rank}.stopped.json", {"at": t["stopped"]})
 
 
 # --------------------------------------------------------------------------- entry point
