@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -27,7 +28,7 @@ def test_entering_from_the_host_network():
     """From the namespace the session left, a process gets a fresh one with only `lo`, and it works."""
     fd = netns.host_namespace_fd
     child = f"""
-import ctypes, os, socket, sys
+import ctypes, json, os, socket, sys
 sys.path.insert(0, {str(TESTS)!r})
 import netns
 assert ctypes.CDLL(None, use_errno=True).setns({fd}, netns.CLONE_NEWNET) == 0, os.strerror(ctypes.get_errno())
@@ -35,11 +36,11 @@ before = netns.interfaces()
 assert netns.enter_loopback_only() is None
 srv = socket.socket(); srv.bind(("0.0.0.0", 0)); srv.listen()  # a wildcard bind, as Ray's C++ servers do
 socket.create_connection(("127.0.0.17", srv.getsockname()[1]), timeout=2).close()
-print(before, netns.interfaces())
+print(json.dumps([before, netns.interfaces()]))
 """
     out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60, check=False,
                          pass_fds=(fd,))
     assert out.returncode == 0, out.stderr
-    before, after = out.stdout.strip().split("] [")
-    assert before.count(",") >= 1, f"the host namespace should have more than `lo`: {before}]"
-    assert after == "'lo']"
+    before, after = json.loads(out.stdout)
+    assert len(before) > 1, f"the host namespace should have more than `lo`: {before}"
+    assert after == ["lo"]
