@@ -1,28 +1,23 @@
 # glmsnake: GLM-4.7 RL with slime, as a Snakemake workflow.
 #   snakemake --profile profiles/local train     # the embedded tiny default, on this machine
 #   snakemake --profile slurm train              # on a Slurm cluster (see README)
-# Outputs Snakemake tracks are small sentinels; checkpoint folders are never
-# declared outputs, so Snakemake never deletes them (design section 1).
+# Outputs Snakemake tracks are small sentinels; checkpoint folders are never declared
+# outputs, so Snakemake never deletes them (docs/architecture.md, "Files under base_dir").
 
 from snakemake.utils import min_version, validate
 
 min_version("9.20")
 
-import json
-import os
+from glmsnake import resolve, staleness
 
-from glmsnake import config as glmconfig
-from glmsnake import staleness
-from glmsnake.steps import CONFIG_ENV
 
 configfile: "config/config.yaml"
 
 validate(config, "config/config.schema.json")  # exported from glmsnake.config (`glmsnake schema`)
-WF = glmconfig.load(config)
-# Steps resolve the same config from here, on this host and on Slurm nodes alike.
-os.environ[CONFIG_ENV] = json.dumps(config)
-SENTINEL = "glmsnake.done.json"
-LOGS = WF.base / "logs"
+WF = resolve.load(config)
+PATHS = WF.paths
+# Steps resolve the same config from the environment, on this host and on Slurm nodes alike.
+resolve.export_to_env(config, workflow.configfiles)
 
 
 include: "rules/common.smk"
@@ -38,5 +33,5 @@ rule all:
         rules.torch_dist.input,
         rules.fp8.input,  # built even without FP8 rollout: SGLang serves it, and it is checked here
         rules.train.input,
-        expand(WF.run_dir("{run}") / "hf" / SENTINEL, run=list(WF.runs)),
+        [PATHS.run(run).hf_sentinel for run in WF.runs],
     default_target: True

@@ -31,18 +31,18 @@ def sparse(path: Path, size: int) -> None:
 def populate(base: Path, total_gb: int) -> int:
     """Every output of the DAG, with checkpoint payloads as sparse files; returns apparent bytes."""
     sys.path.insert(0, str(REPO))
-    from glmsnake import config
+    from glmsnake import resolve
 
-    wf = config.load({"preset": PRESET, "base_dir": str(base)})
+    wf = resolve.load({"preset": PRESET, "base_dir": str(base)})
     shards, total = 92, total_gb << 30
     per = total // (2 * shards)
     for i in range(shards):
-        sparse(wf.hf_dir / f"model-{i + 1:05d}-of-{shards:05d}.safetensors", per)
-        sparse(wf.torch_dist_dir / "release" / f"__{i}_0.distcp", per)
+        sparse(wf.paths.hf_dir / f"model-{i + 1:05d}-of-{shards:05d}.safetensors", per)
+        sparse(wf.paths.torch_dist_dir / "release" / f"__{i}_0.distcp", per)
     # Sentinels in DAG order, so mtimes say "up to date".
-    for path in [wf.hf_dir / "glmsnake.manifest.json", *(wf.dataset_path(n) for n in wf.preset.datasets),
-                 wf.torch_dist_dir / "glmsnake.done.json", wf.fp8_dir / "glmsnake.done.json",
-                 *(wf.run_dir(r) / "glmsnake.done.json" for r in wf.runs), *(wf.run_dir(r) / "hf" / "glmsnake.done.json" for r in wf.runs)]:
+    for path in [wf.paths.hf_dir / "glmsnake.manifest.json", *(wf.paths.dataset(n) for n in wf.preset.datasets),
+                 wf.paths.torch_dist_dir / "glmsnake.done.json", wf.paths.fp8_dir / "glmsnake.done.json",
+                 *(wf.paths.run(r).root / "glmsnake.done.json" for r in wf.runs), *(wf.paths.run(r).root / "hf" / "glmsnake.done.json" for r in wf.runs)]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("{}\n")
         time.sleep(0.01)

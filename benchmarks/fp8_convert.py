@@ -11,7 +11,7 @@ float32 torch ops, save_file. Outputs must be byte-identical. The plain file-rea
 bandwidth of the same files (one sequential pass, page cache warm, as for both
 converters) is measured in the same run as the ceiling.
 
-On a CPU glmsnake uses its C kernel (fp8_math), compiled once per machine and
+On a CPU glmsnake uses its C kernel (fp8_kernel), compiled once per machine and
 cached: the run reports that one-time build separately; each timed run includes
 loading and self-checking the cached library. Per-phase seconds are summed over threads; the
 "wall" figures are setup, the hashing left after the last conversion task
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from glmsnake.convert import fp8, fp8_math
+from glmsnake.convert import fp8, fp8_kernel, fp8_plan, fp8_shard
 
 HIDDEN, Q_OUT, MOE_FFN = 5120, 12288, 1536
 SHARD_BYTES = 512 << 20
@@ -141,7 +141,7 @@ def baseline_convert(src: Path, dst: Path, workers: int, device: str, block=(128
         tensors = load_file(path, device=device)  # the whole shard
         out = {}
         for k, w in tensors.items():
-            if fp8.QUANTIZED_WEIGHT.search(k) and w.dim() == 2:
+            if fp8_plan.QUANTIZED_WEIGHT.search(k) and w.dim() == 2:
                 q, s = baseline_quantize(w, block)
                 out[k], out[k.removesuffix("weight") + "weight_scale_inv"] = q.cpu(), s.cpu()
             else:
@@ -157,7 +157,7 @@ def baseline_convert(src: Path, dst: Path, workers: int, device: str, block=(128
 
 def child(impl: str, src: Path, dst: Path, workers: int, device: str, fsync: bool, cuda_chunk: int | None) -> None:
     if cuda_chunk:
-        fp8.CHUNK_ELEMENTS["cuda"] = cuda_chunk
+        fp8_shard.CHUNK_ELEMENTS["cuda"] = cuda_chunk
     shutil.rmtree(dst, ignore_errors=True)
     shutil.rmtree(fp8.atomic.temp_dir_for(dst), ignore_errors=True)
     torch.ones(1).sum()  # load torch's kernels before timing
@@ -210,15 +210,15 @@ def kernel_build_seconds() -> str:
 
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "GLMSNAKE_CACHE_DIR": tmp}
-        code = "import time,torch; t=time.perf_counter(); from glmsnake.convert import fp8_math as m; "
+        code = "import time,torch; t=time.perf_counter(); from glmsnake.convert import fp8_kernel as m; "
         code += "k=m.native_kernel(); print(time.perf_counter()-t, k is not None)"
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False, cwd=ROOT)
         cold = out.stdout.split() if out.returncode == 0 else ["nan", "False"]
     t = time.perf_counter()
-    kernel = fp8_math.native_kernel()
+    kernel = fp8_kernel.native_kernel()
     warm = time.perf_counter() - t
     if kernel is None:
-        return f"not available ({fp8_math.native_kernel_error()}); torch ops instead"
+        return f"not available ({fp8_kernel.native_kernel_error()}); torch ops instead"
     return (f"{'AVX2' if kernel.vector else 'scalar'}, first build {float(cold[0]):.2f} s (once per machine, "
             f"cached, not in the timings below), load and self-check {warm * 1e3:.0f} ms (in the timings)")  # fmt: skip
 
@@ -258,7 +258,7 @@ def main() -> None:
     ap.add_argument(
         "--sweep-workers", type=int, nargs="*", default=[], help="also time glmsnake at these worker counts"
     )
-    ap.add_argument("--cuda-chunk", type=int, help="glmsnake's elements per chunk on a GPU (default: fp8.CHUNK_ELEMENTS)")
+    ap.add_argument("--cuda-chunk", type=int, help="glmsnake's elements per chunk on a GPU (default: fp8_shard.CHUNK_ELEMENTS)")
     ap.add_argument("--sweep-cuda-chunk", type=int, nargs="*", default=[], help="also time these --cuda-chunk values")
     ap.add_argument("--child", choices=["baseline", "glmsnake"], help=argparse.SUPPRESS)
     ap.add_argument("--src", type=Path, help=argparse.SUPPRESS)

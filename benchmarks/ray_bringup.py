@@ -5,7 +5,7 @@
 
 Needs the loopback test cluster (`python -m tests.cluster.slurm_cluster up`; SLURM_CONF set) or
 starts one itself with --start-cluster (then in a loopback-only network namespace, tests/netns.py).
-Goals (issue 5, 2 cores): job start (Slurm runs it) -> ready <= 20 s, driver exit -> released
+Goals (on 2 cores): job start (Slurm runs it) -> ready <= 20 s, driver exit -> released
 <= 10 s; "from sbatch" adds Slurm's scheduling of the job.
 Also reports the CPU seconds one idle raylet node costs (head and worker process sessions), and
 how busy the whole machine was between job start and ready (CPU-bound or not). `both` runs each
@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
-from glmsnake import config  # noqa: E402
-from glmsnake.launch.ray_cluster import run_ray_job  # noqa: E402
+from glmsnake import knobs  # noqa: E402
+from glmsnake.launch import Allocation, Cluster, JobSpec, run_ray_job  # noqa: E402
 from glmsnake.recipe import Driver  # noqa: E402
 
 
@@ -90,15 +90,16 @@ def run_with(python: str, nodes: int, slots: int, monitor: str) -> float:
                 if line.startswith("{") and "running_to_cluster_ready_s" in line)
 
 
-def one_run(wf, alloc, name: str, base: Path, nodes: int, slots: int) -> float:
+def one_run(cluster: Cluster, alloc: Allocation, name: str, base: Path, nodes: int, slots: int) -> float:
     """One 8-node job with a trivial driver; prints the timings; returns job start -> ready (s)."""
     t0 = time.time()
     with CpuSampler() as cpu:
-        r = run_ray_job(wf, alloc, functools.partial(trivial_driver), name, base / "logs", object_store_mb=128)
+        r = run_ray_job(cluster, JobSpec(name, alloc, base / "logs"), functools.partial(trivial_driver),
+                        object_store_mb=128)
     t = r.timings
     # t0 is the submit time to within milliseconds (run_ray_job only builds its spec first).
     busy, idle = cpu.window(t0 + t["submit_to_running_s"], t0 + t["submit_to_cluster_ready_s"])
-    monitor = os.environ.get("GLMSNAKE_RAY_WORKER_LOG_MONITOR", "1") != "0"
+    monitor = knobs.RAY_WORKER_LOG_MONITOR.raw() != "0"
     print(json.dumps({"exit_code": r.exit_code, "nodes": len(r.nodes), "gpus": r.gpus, "slots": slots,
                       "worker_log_monitor": monitor, **{k: round(v, 2) for k, v in t.items()}}))
     head_cpu = next(iter(r.cpu.values()), {})
@@ -128,7 +129,7 @@ def main() -> int:
     ap.add_argument("--python-also", help="another environment's python: each repetition runs with it too")
     a = ap.parse_args()
     monitors = {"on": ["1"], "off": ["0"], "both": ["0", "1"]}[a.worker_log_monitor]
-    os.environ["GLMSNAKE_RAY_START_SLOTS"] = str(a.slots)
+    os.environ[knobs.RAY_START_SLOTS.name] = str(a.slots)
     cluster = None
     if a.start_cluster:
         sys.path.insert(0, str(REPO / "tests"))
@@ -136,21 +137,21 @@ def main() -> int:
 
         why_not = netns.enter_loopback_only()
         print(f"network: {f'host ({why_not})' if why_not else 'own namespace, loopback only'}", flush=True)
-        from tests.cluster.slurm_cluster import Cluster
+        from tests.cluster.slurm_cluster import Cluster as SlurmTestCluster
 
-        cluster = Cluster(Path(tempfile.mkdtemp(prefix="gsb", dir="/tmp")))
+        cluster = SlurmTestCluster(Path(tempfile.mkdtemp(prefix="gsb", dir="/tmp")))
         cluster.up()
         os.environ["SLURM_CONF"] = str(cluster.conf)
     try:
         base = Path(tempfile.mkdtemp(prefix="gsbench", dir="/tmp"))
-        wf = config.load({"base_dir": str(base), "launcher": "slurm"})
-        alloc = wf.runs["default"].train.allocation.model_copy(
-            update={"nodes": a.nodes, "gpus_per_node": a.gpus_per_node})
+        target = Cluster(launcher="slurm")  # Slurm's default partition, no container
+        # The tiny preset's training allocation (1 CPU per task), with the nodes and GPUs asked for.
+        alloc = Allocation(nodes=a.nodes, gpus_per_node=a.gpus_per_node, cpus_per_task=1, time_min=30)
         for i in range(a.repeat):
             ready: dict[str, float] = {}
             for monitor in monitors:
-                os.environ["GLMSNAKE_RAY_WORKER_LOG_MONITOR"] = monitor  # read when run_ray_job makes its spec
-                ready[monitor] = one_run(wf, alloc, f"bench{i}m{monitor}", base, a.nodes, a.slots)
+                os.environ[knobs.RAY_WORKER_LOG_MONITOR.name] = monitor  # read when run_ray_job makes its spec
+                ready[monitor] = one_run(target, alloc, f"bench{i}m{monitor}", base, a.nodes, a.slots)
                 if a.python_also:
                     other = run_with(a.python_also, a.nodes, a.slots, monitor)
                     print(f"{interpreter(a.python_also)} / {interpreter()}: job start -> ready "

@@ -28,15 +28,16 @@ sys.path.insert(0, str(REPO))
 
 
 def prepare(base: Path) -> None:
-    from glmsnake import config, hub
+    from glmsnake import resolve
+    from glmsnake.steps import weights
     from glmsnake.convert import torch_dist
 
-    wf = config.load({"base_dir": str(base)})
-    if not (wf.torch_dist_dir / "latest_checkpointed_iteration.txt").is_file():
-        hub.step_download_hf(wf, wf.hf_dir / "glmsnake.manifest.json")
+    wf = resolve.load({"base_dir": str(base)})
+    if not (wf.paths.torch_dist_dir / "latest_checkpointed_iteration.txt").is_file():
+        weights.download_hf(wf, wf.paths.hf_manifest)
         for n in wf.preset.datasets:
-            hub.step_download_dataset(wf, wf.dataset_path(n), n)
-        torch_dist.convert(wf.hf_dir, wf.torch_dist_dir, wf.preset.model)
+            weights.download_dataset(wf, wf.paths.dataset(n), n)
+        torch_dist.convert(wf.paths.hf_dir, wf.paths.torch_dist_dir, wf.preset.model)
 
 
 def main() -> int:
@@ -57,23 +58,24 @@ def main() -> int:
 
     import ray
 
-    from glmsnake import config
+    from glmsnake import resolve
     from glmsnake.trainer.actor import TrainWorker
     from glmsnake.trainer.driver import init_ray
     from glmsnake.trainer.loop import Loop, actor_options
     from glmsnake.trainer.rollout import RolloutWorker
-    from glmsnake.trainer.settings import from_workflow
+    from glmsnake.recipe.args import EvalArgs
+    from glmsnake.steps.train import trainer_settings as from_workflow
 
     base = args.base or Path(tempfile.mkdtemp(prefix="gs_bench_"))
     t0 = time.perf_counter()
     prepare(base)
     prep_s = time.perf_counter() - t0
-    wf = config.load({"base_dir": str(base), "runs": {"bench": {
+    wf = resolve.load({"base_dir": str(base), "runs": {"bench": {
         "rollout": {"num_rollout": args.rollouts, "rollout_batch_size": args.batch, "n_samples_per_prompt": args.n,
                     "rollout_max_response_len": args.max_len},
         "perf": {"micro_batch_size": args.micro_batch},
         "optimizer": {"lr": 1e-2}, "train": {"save_interval": 10**6}}}})
-    s = from_workflow(wf, "bench").replace(eval_interval=None)
+    s = from_workflow(wf, "bench").replace(eval=EvalArgs())
     import shutil
 
     shutil.rmtree(s.run_dir, ignore_errors=True)
@@ -86,7 +88,7 @@ def main() -> int:
     run_s = time.perf_counter() - t0
     from glmsnake.trainer import metrics
 
-    ro = metrics.rollouts(metrics.read(s.metrics_path))[1:]
+    ro = metrics.rollouts(metrics.read(s.paths.metrics))[1:]
     med = lambda k: statistics.median(r[k] for r in ro)  # noqa: E731
     step_s = [r["rollout_seconds"] + r["train_seconds"] + r["sync_seconds"] for r in ro]
 
@@ -131,32 +133,33 @@ def in_process(args) -> int:
 
     import torch
 
-    from glmsnake import config
+    from glmsnake import resolve
     from glmsnake.trainer.actor import TrainWorker
     from glmsnake.trainer.data import read_jsonl, rollout_batch
     from glmsnake.trainer.rollout import RolloutWorker, sampling_seed
-    from glmsnake.trainer.settings import from_workflow
+    from glmsnake.recipe.args import EvalArgs
+    from glmsnake.steps.train import trainer_settings as from_workflow
 
     base = args.base or Path(tempfile.mkdtemp(prefix="gs_bench_"))
     prepare(base)
-    wf = config.load({"base_dir": str(base), "runs": {"bench": {
+    wf = resolve.load({"base_dir": str(base), "runs": {"bench": {
         "rollout": {"num_rollout": args.rollouts, "rollout_batch_size": args.batch, "n_samples_per_prompt": args.n,
                     "rollout_max_response_len": args.max_len},
         "perf": {"micro_batch_size": args.micro_batch}, "optimizer": {"lr": 1e-2}}}})
-    s = from_workflow(wf, "bench").replace(eval_interval=None)
+    s = from_workflow(wf, "bench").replace(eval=EvalArgs())
     shutil.rmtree(s.run_dir, ignore_errors=True)
     threads = max(1, (torch.get_num_threads()))
     trainer, rollout = TrainWorker(s, None, threads=threads), RolloutWorker(s, threads=threads)
     cuda = trainer.device.type == "cuda"
     sync_dev = lambda: torch.cuda.synchronize() if cuda else None  # noqa: E731
     rollout.update_weights(trainer.weights(), 0)
-    rows = read_jsonl(Path(s.prompt_data), s.input_key, s.label_key)
+    rows = read_jsonl(Path(s.prompt_data), s.rollout.input_key, s.rollout.label_key)
     rec = []
-    for r in range(s.num_rollout):
-        batch = rollout_batch(rows, r, s.rollout_batch_size, False, s.rollout_seed)
+    for r in range(s.rollout.num_rollout):
+        batch = rollout_batch(rows, r, s.rollout.rollout_batch_size, False, s.rollout_seed)
         t0 = time.perf_counter()
-        samples, _ = rollout.generate(batch, s.n_samples_per_prompt, s.rollout_max_response_len,
-                                      s.rollout_temperature, sampling_seed(s.rollout_seed, r))
+        samples, _ = rollout.generate(batch, s.rollout.n_samples_per_prompt, s.rollout.rollout_max_response_len,
+                                      s.rollout.rollout_temperature, sampling_seed(s.rollout_seed, r))
         sync_dev()
         t1 = time.perf_counter()
         trainer.train(r, samples)

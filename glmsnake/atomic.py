@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 SENTINEL_NAME = "glmsnake.done.json"
-_HASH_CHUNK = 16 << 20
+_HASH_CHUNK = 1 << 20
 
 
 def fsync_dir(path: Path) -> None:
@@ -27,12 +27,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically (temp file in the same folder, fsync, rename)."""
+def write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write `data` to `path` atomically (temp file in the same folder, fsync, rename).
+
+    `mode` holds from the temporary file's first byte (less the umask), so a secret is never readable.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -40,8 +43,8 @@ def write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+def write_json(path: Path, obj: Any, mode: int = 0o644) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), mode)
 
 
 def read_json(path: Path) -> Any:
@@ -88,10 +91,12 @@ def publish_dir(stage: Path, final: Path) -> None:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
+    """sha256 through one reused 1 MB buffer: memory stays flat however many threads hash at once."""
+    h, buf = hashlib.sha256(), bytearray(_HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 

@@ -15,10 +15,13 @@ DELEGATED = {
 
 
 def _workflow(args: argparse.Namespace):
-    from glmsnake import config
+    from glmsnake import resolve
 
+    path = resolve.find_config(args.configfile)
+    if args.configfile is None:
+        print(f"# config: {path.resolve()} (--configfile PATH picks another)", file=sys.stderr)
     extra = {"preset": args.preset} if getattr(args, "preset", None) else {}
-    return config.load_file(args.configfile, extra)
+    return resolve.load_file(path, extra)
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -35,24 +38,36 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from glmsnake import resolve
     from glmsnake.plan import plan, print_plan
 
-    print_plan(plan(args.targets, args.configfile, args.snakemake_args))
+    print_plan(plan(args.targets, resolve.find_config(args.configfile), args.snakemake_args))
     return 0
 
 
 def cmd_step(args: argparse.Namespace) -> int:
-    from glmsnake.steps import run_step
+    from glmsnake.steps import STEPS
+    from glmsnake.resolve import from_env
 
-    options = {k: v for k, v in (("run", args.run), ("name", args.name)) if v is not None}
-    run_step(args.step, args.sentinel, **options)
+    if args.step not in STEPS:
+        raise GlmsnakeError(f"no step named {args.step!r}", f"choose one of {sorted(STEPS)}")
+    import inspect
+
+    fn = STEPS[args.step]
+    options = {k: v for k in ("sentinel", "output", "run", "name") if (v := getattr(args, k)) is not None}
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    missing = [p.name for p in params if p.default is p.empty and p.name not in options]
+    if missing:
+        raise GlmsnakeError(f"step {args.step} needs {', '.join('--' + m for m in missing)}",
+                            "the rules pass them; run steps through snakemake")
+    fn(from_env(), **options)
     return 0
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
     import json
 
-    from glmsnake.config import user_config_schema
+    from glmsnake.resolve import user_config_schema
 
     print(json.dumps(user_config_schema(), indent=2))
     return 0
@@ -73,13 +88,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from glmsnake.steps import STEPS
-
     p = argparse.ArgumentParser(prog="glmsnake", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
+    config_help = "the user config (default: ./config/config.yaml, else the repository's)"
+
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sp.add_argument("--configfile", default="config/config.yaml", help="the user config (default: %(default)s)")
+        sp.add_argument("--configfile", type=Path, help=config_help)
         sp.add_argument("--preset", help="use this preset instead of the config's")
         return sp
 
@@ -89,13 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="per step: nodes x GPUs, outputs, whether and why it runs")
     pl.add_argument("targets", nargs="*", default=["train"])
-    pl.add_argument("--configfile", default="config/config.yaml")
+    pl.add_argument("--configfile", type=Path, help=config_help)
     pl.add_argument("--snakemake-args", nargs=argparse.REMAINDER, default=[], help="passed on to snakemake")
     pl.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("step", help="run one workflow step (used by the rules)")
-    s.add_argument("step", choices=sorted(STEPS))
-    s.add_argument("--sentinel", required=True, type=Path)
+    s.add_argument("step", help="the rule's step, e.g. train (the rules name it)")
+    s.add_argument("--sentinel", type=Path, help="the rule's sentinel, written last")
+    s.add_argument("--output", type=Path, help="the rule's output file (download-dataset)")
     s.add_argument("--run")
     s.add_argument("--name")
     s.set_defaults(func=cmd_step)

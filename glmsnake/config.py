@@ -1,23 +1,21 @@
-"""Typed, validated configuration: the user's config file, presets, and the parallel layout.
+"""The typed configuration: the user's config file, presets, runs, and the resolved Workflow.
 
-`load(user_config)` merges preset <- top-level overrides <- per-run overrides and
-returns a `Workflow` whose every field is typed. All checks that can fail without
-touching a GPU happen here, each error naming the fix.
+Models only. Loading, merging and the checks that need more than one field live in
+`glmsnake.resolve`; every field here is typed and bounded, so a typo or an impossible
+number is rejected when the config is read.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from glmsnake.errors import GlmsnakeError
-from glmsnake.recipe.flags import (
+from glmsnake.paths import Paths
+from glmsnake.recipe.args import (
     EvalArgs,
     GrpoArgs,
     MiscArgs,
@@ -27,12 +25,7 @@ from glmsnake.recipe.flags import (
     PerfArgs,
     RolloutArgs,
     SglangArgs,
-    parse_layer_freq,
 )
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-PRESET_DIR = REPO_ROOT / "config" / "presets"
-
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -122,6 +115,7 @@ class Train(Strict):
     allocation: Allocation = Allocation(nodes=8, gpus_per_node=8, time_min=2880, min_time_min=30)
     colocate: bool = True
     save_interval: int = Field(20, ge=1)
+    max_requeues: int = Field(3, ge=0, description="how often a job that reaches its time limit is requeued (it resumes)")
     seed: int = 1234
     slime_dir: str = "/root/slime"
     megatron_dir: str = "/root/Megatron-LM"
@@ -157,7 +151,7 @@ class TrainingGroups(Strict):
     optimizer: OptimizerArgs
     sglang: SglangArgs = SglangArgs()
     sglang_speculative: SglangArgs | None = None
-    sglang_fp8: dict[str, Any] = {}
+    sglang_fp8: SglangArgs | None = None  # overlaid on sglang with features.fp8_rollout
     mtp: MtpArgs = MtpArgs()
     misc: MiscArgs = MiscArgs()
     features: Features = Features()
@@ -168,6 +162,11 @@ class Run(TrainingGroups):
     """One training run, fully resolved."""
 
     name: str
+
+    @property
+    def serves_fp8(self) -> bool:
+        """The rollout serves the FP8 conversion, so training depends on it (its input, key and flag)."""
+        return self.features.fp8_rollout
 
 
 class Preset(TrainingGroups):
@@ -222,29 +221,14 @@ class Workflow(BaseModel):
     preset: Preset
     runs: dict[str, Run]
 
-    # ---- paths (design section 1)
     @property
     def base(self) -> Path:
         # Absolute: every node of an allocation must see the same paths.
         return Path(self.user.base_dir).expanduser().absolute()
 
     @property
-    def hf_dir(self) -> Path:
-        return self.base / self.preset.model_name
-
-    @property
-    def torch_dist_dir(self) -> Path:
-        return self.base / f"{self.preset.model_name}_torch_dist"
-
-    @property
-    def fp8_dir(self) -> Path:
-        return self.base / f"{self.preset.model_name}-FP8"
-
-    def dataset_path(self, name: str) -> Path:
-        return self.base / "data" / f"{name}.jsonl"
-
-    def run_dir(self, run: str) -> Path:
-        return self.base / "runs" / run
+    def paths(self) -> Paths:
+        return Paths(self.base, self.preset.model_name)
 
     # ---- staleness keys: exactly what decides whether a step is stale
     def architecture(self) -> dict[str, Any]:
@@ -255,92 +239,3 @@ class Workflow(BaseModel):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-# --------------------------------------------------------------------------- loading
-
-
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-
-
-def read_preset(name: str) -> dict[str, Any]:
-    path = PRESET_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise GlmsnakeError(
-            f"unknown preset {name!r}",
-            f"set `preset:` to one of {preset_names()} (files in {PRESET_DIR})",
-        )
-    return yaml.safe_load(path.read_text()) or {}
-
-
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def _pretty(err: ValidationError, where: str) -> GlmsnakeError:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{where}.{loc}: unknown key")
-        else:
-            lines.append(f"{where}.{loc}: {e['msg']} (got {e.get('input')!r})")
-    return GlmsnakeError(
-        "invalid configuration:\n  " + "\n  ".join(lines),
-        "correct the keys named above in config/config.yaml (or the preset); "
-        "`glmsnake render` shows the resolved recipe",
-    )
-
-
-def load(user_config: dict[str, Any] | None) -> Workflow:
-    """Validate and resolve a user config (the dict Snakemake loaded from config/config.yaml)."""
-    raw = dict(user_config or {})
-    try:
-        user = UserConfig.model_validate(raw)
-    except ValidationError as e:
-        raise _pretty(e, "config") from None
-    preset_raw = deep_merge(read_preset(user.preset), user.overrides)
-    try:
-        preset = Preset.model_validate(preset_raw)
-    except ValidationError as e:
-        raise _pretty(e, f"preset[{user.preset}]+overrides") from None
-    runs = {}
-    for name, ov in user.runs.items():
-        base = {k: preset_raw[k] for k in RUN_KEYS if k in preset_raw}
-        try:
-            runs[name] = Run.model_validate({"name": name, **deep_merge(base, ov)})
-        except ValidationError as e:
-            raise _pretty(e, f"runs.{name}") from None
-    wf = Workflow(user=user, preset=preset, runs=runs)
-    from glmsnake.layout import check_workflow  # late: layout imports config types
-
-    check_workflow(wf)
-    return wf
-
-
-def load_file(path: str | Path, extra: dict[str, Any] | None = None) -> Workflow:
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    return load(deep_merge(raw, extra or {}))
-
-
-def user_config_schema() -> dict[str, Any]:
-    """JSON schema of config/config.yaml, for Snakemake's validate()."""
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **UserConfig.model_json_schema()}
-
-
-__all__ = [
-    "Workflow",
-    "Preset",
-    "Run",
-    "UserConfig",
-    "load",
-    "load_file",
-    "preset_names",
-    "user_config_schema",
-    "parse_layer_freq",
-]

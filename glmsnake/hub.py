@@ -13,20 +13,18 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from glmsnake import atomic
-from glmsnake.config import Workflow
 from glmsnake.errors import GlmsnakeError
 
+if TYPE_CHECKING:
+    from glmsnake.recipe.args import ModelArgs
+
 log = logging.getLogger("glmsnake.hub")
-MANIFEST_NAME = "glmsnake.manifest.json"
-INDEX_NAME = "model.safetensors.index.json"
 
 
 # --------------------------------------------------------------------------- sources
@@ -64,30 +62,21 @@ def git_blob_sha1(path: Path) -> str:
     return h.hexdigest()
 
 
+# safetensors_io is imported inside the functions that need it: it imports torch, which
+# `import glmsnake.hub` (the weights steps) does not need otherwise.
+
+
 def check_safetensors(path: Path) -> None:
     """Reject a truncated or garbled safetensors file by its header, without reading the payload."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise GlmsnakeError(f"{path} is truncated ({size} bytes)", "download or copy it again")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100 << 20:
-            raise GlmsnakeError(f"{path} has a corrupt header (length {n}, file {size} bytes)", "download or copy it again")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise GlmsnakeError(f"{path} has a corrupt header: {e}", "download or copy it again") from None
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end != size:
-        raise GlmsnakeError(
-            f"{path} is {size} bytes but its header describes {8 + n + end}: the file is truncated or padded",
-            "download or copy it again",
-        )
+    from glmsnake.convert.safetensors_io import check_complete
+
+    check_complete(path)
 
 
 def check_index(folder: Path, present: Iterable[str]) -> None:
     """Every shard the safetensors index names must be present."""
+    from glmsnake.convert.safetensors_io import INDEX_NAME
+
     index = folder / INDEX_NAME
     if not index.is_file():
         return
@@ -261,19 +250,17 @@ def record_local(path: Path, dest: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- tiny
 
 
-def make_tiny_folder(wf: Workflow, dest: Path) -> dict[str, Any]:
+def make_tiny_folder(model: "ModelArgs", seed: int, dest: Path) -> dict[str, Any]:
+    """Generate the embedded tiny checkpoint into `dest` (staged, renamed when complete)."""
     from glmsnake.convert.tiny import make_tiny
 
     with atomic.staged_dir(dest, keep_partial=False) as stage:
-        names = make_tiny(stage, wf.preset.model, seed=wf.preset.train.seed)
-    return {"source": "tiny", "seed": wf.preset.train.seed, "files": hash_files(dest, names)}
-
-
-# --------------------------------------------------------------------------- steps
+        names = make_tiny(stage, model, seed=seed)
+    return {"source": "tiny", "seed": seed, "files": hash_files(dest, names)}
 
 
 def check_writable(folder: Path) -> None:
-    """Fail early, naming the folder, when base_dir cannot be written (a real probe: root ignores mode bits)."""
+    """Fail early, naming the folder, when it cannot be written (a real probe: root ignores mode bits)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".glmsnake-probe-{os.getpid()}"
@@ -281,50 +268,3 @@ def check_writable(folder: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise GlmsnakeError(f"cannot write under {folder}: {e.strerror}", "set base_dir to a writable folder") from None
-
-
-def step_download_hf(wf: Workflow, sentinel: Path) -> None:
-    from glmsnake import staleness
-
-    source = wf.preset.weights.source
-    dest = wf.hf_dir
-    check_writable(wf.base)
-    if source == "tiny":
-        manifest = make_tiny_folder(wf, dest)
-    elif source.startswith("local:"):
-        manifest = record_local(Path(source.removeprefix("local:")).expanduser(), dest)
-    else:
-        manifest = download_repo(HubSource.parse(source), dest, wf.preset.weights.allow_patterns)
-        check_index(dest, manifest["files"])
-        for name in manifest["files"]:
-            if name.endswith(".safetensors"):
-                check_safetensors(dest / name)
-    manifest["total_bytes"] = sum(f["size"] for f in manifest["files"].values())
-    atomic.write_sentinel(sentinel, step="download_hf", settings=staleness.weights(wf), **manifest)
-
-
-def step_download_dataset(wf: Workflow, sentinel: Path, name: str) -> None:
-    """Materialize one prompt set as `<base>/data/<name>.jsonl` (atomically)."""
-    ds = wf.preset.datasets[name]
-    check_writable(sentinel.parent)
-    if ds.source == "tiny":
-        from glmsnake.trainer.data import tiny_prompts
-
-        seed = wf.preset.train.seed + (0 if name == wf.preset.prompt_dataset else 1)
-        atomic.write_bytes(sentinel, "".join(json.dumps(r) + "\n" for r in tiny_prompts(seed)).encode())
-        return
-    if ds.source.startswith("local:"):
-        path = Path(ds.source.removeprefix("local:")).expanduser()
-        if not path.is_file():
-            raise GlmsnakeError(f"dataset {name}: {path} does not exist", "fix the dataset's `local:` path")
-        atomic.write_bytes(sentinel, path.read_bytes())
-        return
-    src = HubSource.parse(ds.source)
-    if not ds.file:
-        raise GlmsnakeError(f"dataset {name} from the hub needs `file:`", "name the .jsonl file inside the repo")
-    cache = sentinel.parent / ".hub" / name
-    manifest = download_repo(src, cache, [ds.file])
-    tmp = sentinel.with_name(f".{sentinel.name}.tmp")
-    shutil.copyfile(cache / ds.file, tmp)
-    os.replace(tmp, sentinel)
-    atomic.write_json(sentinel.with_suffix(".manifest.json"), manifest)

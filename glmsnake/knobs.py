@@ -57,7 +57,7 @@ RAY_START_SLOTS = _knob("GLMSNAKE_RAY_START_SLOTS", "8", "timing", "concurrent `
 RAY_WORKER_LOG_MONITOR = _knob("GLMSNAKE_RAY_WORKER_LOG_MONITOR", "1", "timing", "0: no Ray log monitor on worker nodes (benchmark comparison)")
 
 # set by glmsnake for its own processes
-CONFIG = _knob("GLMSNAKE_CONFIG", "", "internal", "the config file a step resolves (set by the Snakefile)")
+CONFIG = _knob("GLMSNAKE_CONFIG", "", "internal", "the user config (JSON) and its files, for the steps (set by the Snakefile)")
 LOCAL_RAY_IP = _knob("GLMSNAKE_LOCAL_RAY_IP", "", "internal", "the loopback address of the local trainer's private Ray")
 LOCAL_RAY_TMP = _knob("GLMSNAKE_LOCAL_RAY_TMP", "", "internal", "the local trainer's Ray temp folder")
 RAY_JOB = _knob("GLMSNAKE_RAY_JOB", "", "internal", "`<slurm job>n<rank>` in every Ray process glmsnake starts (teardown finds them by it)")

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from glmsnake import config
+from glmsnake import REPO_ROOT, config, resolve
 from glmsnake.errors import GlmsnakeError
 
 
@@ -57,9 +57,11 @@ def allocation_of(wf: config.Workflow, rule: str, wildcards: str) -> str:
     return "1 node, CPU"
 
 
-def plan(targets: list[str], configfile: str, snakemake_args: list[str]) -> tuple[config.Workflow, list[PlannedJob]]:
-    wf = config.load_file(configfile, _config_overrides(snakemake_args))
-    cmd = [sys.executable, "-m", "snakemake", "-n", *targets, "--configfile", configfile, *snakemake_args]
+def plan(targets: list[str], configfile: Path, snakemake_args: list[str]) -> tuple[config.Workflow, list[PlannedJob]]:
+    wf = resolve.load_file(configfile, _config_overrides(snakemake_args))
+    # The repository's Snakefile, from any directory.
+    cmd = [sys.executable, "-m", "snakemake", "-n", *targets, "--snakefile", str(REPO_ROOT / "Snakefile"),
+           "--configfile", str(configfile), *snakemake_args]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise GlmsnakeError(f"snakemake dry run failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}", "fix the error above")

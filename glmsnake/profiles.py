@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from glmsnake.config import REPO_ROOT
+from glmsnake import REPO_ROOT
 from glmsnake.errors import GlmsnakeError
 
 PROFILES = ("slurm", "local")

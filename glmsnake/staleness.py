@@ -1,8 +1,8 @@
 """What decides whether each step is stale: the rules' `params:` and the sentinels' `settings`.
 
 Snakemake reruns a job when its params change, so each function returns exactly
-the settings that change the step's output, and nothing else (design section 1):
-parallelism never reaches torch_dist, save_interval never reaches train.
+the settings that change the step's output, and nothing else: parallelism never
+reaches torch_dist, save_interval never reaches train.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def fp8(wf: Workflow) -> dict[str, Any]:
 
 # Run settings that change how a run executes but not what it computes.
 _RUN_EXECUTION_ONLY = {
-    "train": {"save_interval", "allocation", "slime_dir", "megatron_dir"},
+    "train": {"save_interval", "max_requeues", "allocation", "slime_dir", "megatron_dir"},
 }
 
 
@@ -47,7 +47,7 @@ def train(wf: Workflow, run: str) -> dict[str, Any]:
             r[section].pop(k, None)
     r.pop("name")
     r["architecture"] = wf.architecture()
-    if wf.runs[run].features.fp8_rollout:
+    if wf.runs[run].serves_fp8:
         r["fp8"] = fp8(wf)
     return r
 

@@ -3,18 +3,18 @@
 
 rule export_hf:
     input:
-        trained=WF.run_dir("{run}") / SENTINEL,
+        trained=PATHS.run("{run}").sentinel,
     output:
-        done=WF.run_dir("{run}") / "hf" / SENTINEL,
+        done=PATHS.run("{run}").hf_sentinel,
     params:
         key=lambda wc: staleness.export_hf(WF, wc.run),
     conda:
         "../envs/cpu.yaml"
     log:
-        LOGS / "export_hf.{run}.log",
+        PATHS.rule_log("export_hf", "{run}"),
     wildcard_constraints:
-        run="|".join(WF.runs),
+        run=RUNS,
     resources:
         **slurm_resources(),
     shell:
-        "glmsnake step export-hf --sentinel {output.done} --run {wildcards.run} > {log} 2>&1"
+        "glmsnake step export-hf --sentinel {output.done:q} --run {wildcards.run:q} > {log:q} 2>&1"

@@ -3,37 +3,37 @@
 
 rule download_hf:
     output:
-        manifest=hf_manifest(),
+        manifest=PATHS.hf_manifest,
     params:
         key=staleness.weights(WF),
     conda:
         "../envs/cpu.yaml"
     log:
-        LOGS / "download_hf.log",
+        PATHS.rule_log("download_hf"),
     resources:
         **slurm_resources(),
     shell:
-        "glmsnake step download-hf --sentinel {output.manifest} > {log} 2>&1"
+        "glmsnake step download-hf --sentinel {output.manifest:q} > {log:q} 2>&1"
 
 
 rule download_dataset:
     output:
-        data=WF.base / "data" / "{name}.jsonl",
+        data=PATHS.dataset("{name}"),
     params:
         key=lambda wc: staleness.dataset(WF, wc.name),
     conda:
         "../envs/cpu.yaml"
     log:
-        LOGS / "download_dataset.{name}.log",
+        PATHS.rule_log("download_dataset", "{name}"),
     resources:
         **slurm_resources(),
     wildcard_constraints:
         name="|".join(WF.preset.datasets),
     shell:
-        "glmsnake step download-dataset --sentinel {output.data} --name {wildcards.name} > {log} 2>&1"
+        "glmsnake step download-dataset --output {output.data:q} --name {wildcards.name:q} > {log:q} 2>&1"
 
 
 rule weights:
     input:
-        hf=hf_manifest(),
-        data=[WF.dataset_path(n) for n in WF.preset.datasets],
+        hf=PATHS.hf_manifest,
+        data=[PATHS.dataset(n) for n in WF.preset.datasets],

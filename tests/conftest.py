@@ -41,11 +41,11 @@ def pytest_report_header(config):
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory) -> Path:
     """The tiny preset's HF checkpoint, generated once per test session (read-only by convention)."""
-    from glmsnake import config
+    from glmsnake import resolve
     from glmsnake.convert.tiny import make_tiny
 
     out = tmp_path_factory.mktemp("tiny") / "tiny-glm4moe"
-    make_tiny(out, config.load({}).preset.model, seed=1234)
+    make_tiny(out, resolve.load({}).preset.model, seed=1234)
     return out
 
 

@@ -1,7 +1,7 @@
-"""A slow, obviously-correct FP8 quantizer: the design's math, one scale group at a time.
+"""A slow, obviously-correct FP8 quantizer: the FP8 block format's math, one scale group at a time.
 
-Written from design section 4 alone (not from glmsnake.convert.fp8_math), so the
-fast path is checked against an independent statement of the rule:
+Written from the FP8 block format's definition alone (docs/architecture.md), not from
+glmsnake.convert.fp8_math, so the fast path is checked against an independent statement of the rule:
 zero-pad to the group grid; per group amax = max|w|; scale = float32(max(amax,
 1e-12)) / 448 (max taken in the weight's dtype); q = clamp(w / scale, -448, 448)
 in float32, cast to float8_e4m3fn; crop the padding.
@@ -45,7 +45,7 @@ def reference_quantize(w: torch.Tensor, strategy: str, block_size=(128, 128)) ->
 
 
 def dequant_error_ok(w: torch.Tensor, q: torch.Tensor, scale_full: torch.Tensor) -> torch.Tensor:
-    """Elementwise |w - q*s| <= max(|w| * 2^-4, s * 2^-10), in float64 (the issue's check)."""
+    """Elementwise |w - q*s| <= max(|w| * 2^-4, s * 2^-10), in float64."""
     w64, q64, s64 = w.to(torch.float64), q.to(torch.float64), scale_full.to(torch.float64)
     err = (w64 - q64 * s64).abs()
     return err <= torch.maximum(w64.abs() * 2.0**-4, s64 * 2.0**-10)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from glmsnake import config
+from glmsnake import config, resolve
 from glmsnake.errors import GlmsnakeError
 from conftest import REPO
 
@@ -16,18 +16,18 @@ RECIPE = "glm4.7-355b-64xh100"
 
 
 def load_recipe(**run_overrides) -> config.Workflow:
-    return config.load({"preset": RECIPE, "runs": {"r": run_overrides}})
+    return resolve.load({"preset": RECIPE, "runs": {"r": run_overrides}})
 
 
 def error_of(cfg: dict) -> str:
     with pytest.raises(GlmsnakeError) as e:
-        config.load(cfg)
+        resolve.load(cfg)
     return str(e.value)
 
 
 def test_presets_load():
-    assert config.preset_names() == [RECIPE, "tiny"]
-    tiny = config.load({})
+    assert resolve.preset_names() == [RECIPE, "tiny"]
+    tiny = resolve.load({})
     assert tiny.user.preset == "tiny" and tiny.preset.weights.source == "tiny"
     recipe = load_recipe()
     alloc = recipe.runs["r"].train.allocation
@@ -41,7 +41,7 @@ def test_cluster_quick_start_is_one_line():
 
     user = yaml.safe_load((REPO / "config/config.yaml").read_text())
     assert user["preset"] == "tiny"
-    wf = config.load({**user, "preset": RECIPE})
+    wf = resolve.load({**user, "preset": RECIPE})
     assert wf.preset.model.num_layers == 92
 
 
@@ -123,7 +123,7 @@ def test_bad_fp8_block_size():
 
 def test_schema_file_is_in_sync_and_validates():
     exported = json.loads((REPO / "config" / "config.schema.json").read_text())
-    assert exported == json.loads(json.dumps(config.user_config_schema())), "run `glmsnake schema > config/config.schema.json`"
+    assert exported == json.loads(json.dumps(resolve.user_config_schema())), "run `glmsnake schema > config/config.schema.json`"
 
 
 def test_bad_config_fails_before_any_job(tmp_path):

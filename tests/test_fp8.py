@@ -18,9 +18,10 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).parent))
 from fp8_reference import dequant_error_ok, expand_scale, reference_quantize
 
-from glmsnake import atomic, config, staleness
-from glmsnake.convert import fp8, fp8_math
+from glmsnake import atomic, resolve, staleness
+from glmsnake.convert import fp8, fp8_kernel, fp8_plan, fp8_shard
 from glmsnake.convert.tiny import make_tiny
+from glmsnake.steps import convert as convert_steps
 
 FP8_DTYPE = torch.float8_e4m3fn
 
@@ -30,7 +31,7 @@ FP8_DTYPE = torch.float8_e4m3fn
 
 @pytest.fixture(scope="module")
 def wf():
-    return config.load({})
+    return resolve.load({})
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +110,12 @@ def write_model(dir: Path, tensors: dict[str, torch.Tensor], shards: int = 1) ->
                                             ("channel", (128, 128)), ("tensor", (128, 128))])  # fmt: skip
 def test_fast_path_is_bit_identical_to_reference(tmp_path, strategy, block, native, monkeypatch):
     """Both CPU paths: the C kernel (bf16 weights, block/channel) and the torch ops (everything else)."""
-    if native and fp8_math.native_kernel() is None:
-        pytest.skip(f"no C kernel here: {fp8_math.native_kernel_error()}")
+    if native and fp8_kernel.native_kernel() is None:
+        pytest.skip(f"no C kernel here: {fp8_kernel.native_kernel_error()}")
     if not native:
         monkeypatch.setenv("GLMSNAKE_FP8_NATIVE", "0")
-    monkeypatch.setattr(fp8, "TASK_BYTES", 1 << 16)  # split shards into many tasks that write one file at once
-    monkeypatch.setattr(fp8, "NATIVE_CHUNK_BYTES", 1 << 14)  # and tensors into several chunks
+    monkeypatch.setattr(fp8_shard, "TASK_BYTES", 1 << 16)  # split shards into many tasks that write one file at once
+    monkeypatch.setattr(fp8_shard, "NATIVE_CHUNK_BYTES", 1 << 14)  # and tensors into several chunks
     tensors = {}
     for i, (r, c) in enumerate(SHAPES):
         tensors[f"model.layers.{i}.self_attn.q_proj.weight"] = adversarial(r, c, torch.bfloat16, seed=i)
@@ -136,7 +137,7 @@ def test_fast_path_is_bit_identical_to_reference(tmp_path, strategy, block, nati
         assert torch.equal(bits(out[name]), bits(q_ref)), f"{name}: fp8 bytes differ from the reference"
         assert torch.equal(bits(out[scale_key]), bits(s_ref)), f"{name}: scales differ from the reference"
         expected_files[name], expected_files[scale_key] = q_ref, s_ref
-        # the issue's independent dequantization check, and no NaN/Inf
+        # an independent dequantization check, and no NaN/Inf
         assert torch.isfinite(out[name].float()).all() and torch.isfinite(out[scale_key]).all()
         assert dequant_error_ok(w, out[name], expand_scale(out[scale_key], w.shape, strategy, block)).all()
 
@@ -154,9 +155,9 @@ def test_fast_path_is_bit_identical_to_reference(tmp_path, strategy, block, nati
 
 @pytest.fixture
 def kernel():
-    k = fp8_math.native_kernel()
+    k = fp8_kernel.native_kernel()
     if k is None:
-        pytest.skip(f"no C kernel here: {fp8_math.native_kernel_error()}")
+        pytest.skip(f"no C kernel here: {fp8_kernel.native_kernel_error()}")
     return k
 
 
@@ -178,7 +179,7 @@ def test_kernel_conversion_equals_torch_cast_on_float32_bit_patterns(kernel):
 def test_kernel_equals_reference_on_adversarial_weights(kernel, vector):
     if vector and not kernel.vector:
         pytest.skip("this CPU has no AVX2")
-    fp8_math._self_check(kernel)  # every finite bf16 value, in groups of 1, 128 and 4099
+    fp8_kernel._self_check(kernel)  # every finite bf16 value, in groups of 1, 128 and 4099
     for i, (rows, cols) in enumerate([*SHAPES, (300, 1000)]):
         w = adversarial(rows, cols, torch.bfloat16, seed=100 + i)
         for strategy, block in (("block", (128, 128)), ("block", (16, 48)), ("channel", (128, 128))):
@@ -194,11 +195,11 @@ def test_kernel_equals_reference_on_adversarial_weights(kernel, vector):
 
 
 def test_without_a_compiler_torch_ops_do_the_math(tmp_path, monkeypatch):
-    monkeypatch.setattr(fp8_math, "_native", {})  # forget this process's kernel
+    monkeypatch.setattr(fp8_kernel, "_native", {})  # forget this process's kernel
     monkeypatch.setenv("GLMSNAKE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    monkeypatch.setattr(fp8_math.shutil, "which", lambda name: None)
-    assert fp8_math.native_kernel() is None and "no C compiler" in fp8_math.native_kernel_error()
+    monkeypatch.setattr(fp8_kernel.shutil, "which", lambda name: None)
+    assert fp8_kernel.native_kernel() is None and "no C compiler" in fp8_kernel.native_kernel_error()
     w = adversarial(130, 260, torch.bfloat16, seed=3)
     src = write_model(tmp_path / "in", {"model.layers.0.mlp.up_proj.weight": w})
     fp8.convert(src, tmp_path / "out", workers=1, device="cpu", log=io.StringIO())
@@ -245,7 +246,7 @@ def test_tiny_output_format(tiny_hf, tiny_fp8, wf):
         assert k in kept, k
     for k in kept:
         assert tensors[k].dtype == src[k].dtype and torch.equal(bits(tensors[k]), bits(src[k])), k
-    assert quantized == {k for k in src if fp8.QUANTIZED_WEIGHT.search(k)}
+    assert quantized == {k for k in src if fp8_plan.QUANTIZED_WEIGHT.search(k)}
 
     cfg = json.loads((tiny_fp8 / "config.json").read_text())
     qc = cfg.pop("quantization_config")
@@ -278,7 +279,7 @@ def test_every_quantized_tensor_dequantizes_within_bound(tiny_hf, tiny_fp8, wf):
             ok = dequant_error_ok(src[k], q, expand_scale(s, q.shape, "block", bs))
             assert ok.all(), f"{k}: {int((~ok).sum())} elements outside |w - q*s| <= max(|w|/16, s/1024)"
             n += 1
-    assert n == sum(1 for k in src if fp8.QUANTIZED_WEIGHT.search(k)) > 50
+    assert n == sum(1 for k in src if fp8_plan.QUANTIZED_WEIGHT.search(k)) > 50
 
 
 def test_transformers_loads_fp8_and_logits_stay_close(tiny_hf, tiny_fp8, wf):
@@ -316,21 +317,21 @@ def test_transformers_loads_fp8_and_logits_stay_close(tiny_hf, tiny_fp8, wf):
 
 
 def test_step_writes_sentinel_last_with_shard_hashes(tmp_path, tiny_hf):
-    wf = config.load({"base_dir": str(tmp_path)})
-    shutil.copytree(tiny_hf, wf.hf_dir)
-    sentinel = wf.fp8_dir / atomic.SENTINEL_NAME
-    fp8.step(wf, sentinel)
+    wf = resolve.load({"base_dir": str(tmp_path)})
+    shutil.copytree(tiny_hf, wf.paths.hf_dir)
+    sentinel = wf.paths.fp8_dir / atomic.SENTINEL_NAME
+    convert_steps.convert_fp8(wf, sentinel)
     doc = json.loads(sentinel.read_text())
     assert doc["step"] == "convert_fp8" and doc["settings"] == staleness.fp8(wf)
-    shards = sorted(p.name for p in wf.fp8_dir.glob("*.safetensors"))
+    shards = sorted(p.name for p in wf.paths.fp8_dir.glob("*.safetensors"))
     assert sorted(doc["shards"]) == shards
     for name, digest in doc["shards"].items():
-        assert atomic.sha256_file(wf.fp8_dir / name) == digest
-    newest = max(p.stat().st_mtime_ns for p in wf.fp8_dir.iterdir() if p.name != atomic.SENTINEL_NAME)
+        assert atomic.sha256_file(wf.paths.fp8_dir / name) == digest
+    newest = max(p.stat().st_mtime_ns for p in wf.paths.fp8_dir.iterdir() if p.name != atomic.SENTINEL_NAME)
     assert sentinel.stat().st_mtime_ns >= newest
     # a rerun (Snakemake removed the sentinel) may replace its own earlier output
     sentinel.unlink()
-    fp8.step(wf, sentinel)
+    convert_steps.convert_fp8(wf, sentinel)
     assert json.loads(sentinel.read_text())["shards"] == doc["shards"]
 
 
@@ -392,7 +393,7 @@ def test_rerun_skips_verified_shards_and_redoes_damaged_ones(tmp_path, tiny_hf, 
 
 
 def _plan(model_dir: Path, shard: str):
-    from glmsnake.convert.fp8_safetensors import read_header
+    from glmsnake.convert.safetensors_io import read_header
 
     return fp8.plan_shard(shard, read_header(model_dir / shard), fp8.Scheme("block", (32, 32)))
 

@@ -8,14 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from glmsnake import config, hub
+from glmsnake import config, hub, resolve
+from glmsnake.steps import weights
 from glmsnake.errors import GlmsnakeError
 
 REPO_ID = "zai-org/Tiny-GLM"
 
 
 def workflow(tmp_path: Path, source: str, **over) -> config.Workflow:
-    return config.load({"base_dir": str(tmp_path / "base"), "overrides": {"weights": {"source": source}, **over}})
+    return resolve.load({"base_dir": str(tmp_path / "base"), "overrides": {"weights": {"source": source}, **over}})
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -27,15 +28,15 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 def test_download_verifies_every_file_and_writes_manifest(tmp_path, hub_repo):
     wf = workflow(tmp_path, f"hf://{REPO_ID}@main")
-    sentinel = wf.hf_dir / hub.MANIFEST_NAME
-    hub.step_download_hf(wf, sentinel)
+    sentinel = wf.paths.hf_manifest
+    weights.download_hf(wf, sentinel)
 
     manifest = json.loads(sentinel.read_text())
     served = sorted(p.name for p in hub_repo.iterdir())
     assert sorted(manifest["files"]) == served
     assert manifest["commit"] == "a" * 40 and manifest["revision"] == "main"
     for name, meta in manifest["files"].items():
-        assert (wf.hf_dir / name).read_bytes() == (hub_repo / name).read_bytes()
+        assert (wf.paths.hf_dir / name).read_bytes() == (hub_repo / name).read_bytes()
         assert meta["size"] == (hub_repo / name).stat().st_size
     assert manifest["total_bytes"] == sum(m["size"] for m in manifest["files"].values())
 
@@ -53,7 +54,7 @@ def test_dropped_connection_resumes_with_range(tmp_path, hub_server, hub_repo, m
     assert len(ranges) == 2 and ranges[0] is None, ranges
     resumed_at = int(ranges[1].removeprefix("bytes=").rstrip("-"))
     assert 0 < resumed_at <= 5000, ranges
-    assert (wf.hf_dir / shard).read_bytes() == (hub_repo / shard).read_bytes()
+    assert (wf.paths.hf_dir / shard).read_bytes() == (hub_repo / shard).read_bytes()
 
 
 def test_rerun_after_failure_fetches_only_missing_files(tmp_path, hub_server, hub_repo):
@@ -62,7 +63,7 @@ def test_rerun_after_failure_fetches_only_missing_files(tmp_path, hub_server, hu
     hub_server.state.corrupt.add(bad)
     with pytest.raises(GlmsnakeError, match=f"{bad}: sha256"):
         hub_module_step(wf)
-    assert not (wf.hf_dir / hub.MANIFEST_NAME).exists()
+    assert not (wf.paths.hf_manifest).exists()
 
     hub_server.state.corrupt.clear()
     hub_server.state.requests.clear()
@@ -78,24 +79,24 @@ def test_corrupted_file_is_rejected_and_named(tmp_path, hub_server, hub_repo):
         hub_module_step(wf)
     assert "config.json: git blob id differs" in str(e.value)
     assert "fix:" in str(e.value)
-    assert not (wf.hf_dir / hub.MANIFEST_NAME).exists()
-    assert not (wf.hf_dir / "config.json").exists(), "the bad copy is removed so a rerun fetches it again"
+    assert not (wf.paths.hf_manifest).exists()
+    assert not (wf.paths.hf_dir / "config.json").exists(), "the bad copy is removed so a rerun fetches it again"
 
 
 def test_unknown_revision_is_a_clear_error_and_writes_nothing(tmp_path, hub_server, hub_repo):
     wf = workflow(tmp_path, f"hf://{REPO_ID}@no-such-branch")
     with pytest.raises(GlmsnakeError, match="revision 'no-such-branch' does not exist in model repo zai-org/Tiny-GLM"):
         hub_module_step(wf)
-    assert not wf.hf_dir.exists()
+    assert not wf.paths.hf_dir.exists()
 
 
 def test_local_source_is_verified_and_linked_not_copied(tmp_path, tiny_hf):
     wf = workflow(tmp_path, f"local:{tiny_hf}")
     before = snapshot(tiny_hf)
     hub_module_step(wf)
-    manifest = json.loads((wf.hf_dir / hub.MANIFEST_NAME).read_text())
+    manifest = json.loads((wf.paths.hf_manifest).read_text())
     assert manifest["path"] == str(tiny_hf.resolve())
-    shard = wf.hf_dir / "model-00001-of-00003.safetensors"
+    shard = wf.paths.hf_dir / "model-00001-of-00003.safetensors"
     assert shard.is_symlink() and shard.resolve() == (tiny_hf / shard.name).resolve()
     assert manifest["files"][shard.name]["sha256"] == hub.atomic.sha256_file(tiny_hf / shard.name)
     assert snapshot(tiny_hf) == before
@@ -108,7 +109,7 @@ def test_local_source_with_missing_shard(tmp_path, tiny_hf):
     wf = workflow(tmp_path, f"local:{src}")
     with pytest.raises(GlmsnakeError, match=r"lacks 1 shard\(s\) named in model.safetensors.index.json: model-00002-of-00003"):
         hub_module_step(wf)
-    assert snapshot(src) == before and not wf.hf_dir.exists()
+    assert snapshot(src) == before and not wf.paths.hf_dir.exists()
 
 
 def test_local_source_with_truncated_shard(tmp_path, tiny_hf):
@@ -118,12 +119,12 @@ def test_local_source_with_truncated_shard(tmp_path, tiny_hf):
     wf = workflow(tmp_path, f"local:{src}")
     with pytest.raises(GlmsnakeError, match="model-00003-of-00003.safetensors is .* bytes but its header describes"):
         hub_module_step(wf)
-    assert not wf.hf_dir.exists()
+    assert not wf.paths.hf_dir.exists()
 
 
 def test_base_dir_not_writable(tmp_path):
     # /proc refuses new folders even to root, who ignores permission bits.
-    wf = config.load({"base_dir": "/proc/glmsnake-test/base"})
+    wf = resolve.load({"base_dir": "/proc/glmsnake-test/base"})
     with pytest.raises(GlmsnakeError, match="(?s)cannot write under /proc/glmsnake-test/base.*set base_dir to a writable folder"):
         hub_module_step(wf)
 
@@ -132,8 +133,8 @@ def test_tiny_source_is_deterministic(tmp_path):
     a, b = workflow(tmp_path / "a", "tiny"), workflow(tmp_path / "b", "tiny")
     hub_module_step(a)
     hub_module_step(b)
-    ma = json.loads((a.hf_dir / hub.MANIFEST_NAME).read_text())["files"]
-    mb = json.loads((b.hf_dir / hub.MANIFEST_NAME).read_text())["files"]
+    ma = json.loads((a.paths.hf_manifest).read_text())["files"]
+    mb = json.loads((b.paths.hf_manifest).read_text())["files"]
     assert ma == mb
     assert not any(p.name.endswith(".partial") for p in a.base.iterdir())
 
@@ -143,14 +144,14 @@ def test_dataset_from_the_hub(tmp_path, hub_server):
     data.mkdir()
     (data / "dapo-math-17k.jsonl").write_text('{"prompt": "1+1?", "label": "2"}\n')
     hub_server.add_repo("zhuzilin/dapo-math-17k", data, repo_type="dataset")
-    wf = config.load(
+    wf = resolve.load(
         {
             "base_dir": str(tmp_path / "base"),
             "overrides": {"datasets": {"prompt": {"source": "hf://datasets/zhuzilin/dapo-math-17k@main", "file": "dapo-math-17k.jsonl"}}},
         }
     )
-    out = wf.dataset_path("prompt")
-    hub.step_download_dataset(wf, out, name="prompt")
+    out = wf.paths.dataset("prompt")
+    weights.download_dataset(wf, out, name="prompt")
     assert out.read_text() == '{"prompt": "1+1?", "label": "2"}\n'
     assert any("/api/datasets/zhuzilin/dapo-math-17k/" in p for _, p, _ in hub_server.state.requests)
 
@@ -159,7 +160,7 @@ def test_dataset_from_the_hub(tmp_path, hub_server):
 
 
 def hub_module_step(wf: config.Workflow) -> None:
-    hub.step_download_hf(wf, wf.hf_dir / hub.MANIFEST_NAME)
+    weights.download_hf(wf, wf.paths.hf_manifest)
 
 
 @pytest.fixture

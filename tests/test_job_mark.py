@@ -1,4 +1,4 @@
-"""Teardown finds a node's Ray processes by the JOB_MARK in their environment, even after
+"""Teardown finds a node's Ray processes by the job mark in their environment, even after
 Ray renames them (setproctitle may overwrite the environment block /proc shows)."""
 
 from __future__ import annotations
@@ -6,7 +6,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from glmsnake.launch.ray_cluster import JOB_MARK, _ray_env, marked_processes
+from glmsnake import knobs
+from glmsnake.launch.environment import ray_env
+from glmsnake.launch.ray_processes import marked_processes
 
 RENAME_AND_WAIT = (
     "import time, ray._raylet\n"
@@ -17,7 +19,7 @@ RENAME_AND_WAIT = (
 
 
 def test_renamed_ray_process_keeps_its_job_mark():
-    env = _ray_env("127.0.0.1", "token", {JOB_MARK: "424242n3"})
+    env = ray_env("127.0.0.1", "token", {knobs.RAY_JOB.name: "424242n3"})
     proc = subprocess.Popen([sys.executable, "-c", RENAME_AND_WAIT], env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "renamed"

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from glmsnake import config
+from glmsnake import resolve
 from glmsnake.recipe import driver, groups
 
-# Design section 3, group by group, as slime's scripts write them (data under base_dir /shared/glm).
+# slime's run-glm4.7-355B-A32B.sh, group by group, as slime's scripts write them (data under base_dir /shared/glm).
 EXPECTED = {
     "MODEL": "--disable-bias-linear --qk-layernorm --group-query-attention --num-attention-heads 96 --num-query-groups 8 --kv-channels 128 --num-layers 92 --hidden-size 5120 --ffn-hidden-size 12288 --add-qkv-bias --normalization RMSNorm --position-embedding-type rope --rotary-percent 0.5 --swiglu --untie-embeddings-and-output-weights --vocab-size 151552 --rotary-base 1000000 --moe-ffn-hidden-size 1536 --moe-shared-expert-intermediate-size 1536 --moe-router-pre-softmax --moe-router-score-function sigmoid --moe-router-enable-expert-bias --moe-router-bias-update-rate 0 --moe-router-load-balancing-type seq_aux_loss --moe-token-dispatcher-type alltoall --moe-router-topk 8 --moe-router-topk-scaling-factor 2.5 --moe-layer-freq [0]*3+[1]*89 --num-experts 160 --moe-grouped-gemm --moe-router-dtype fp32 --moe-permute-fusion --moe-aux-loss-coeff 0 --mtp-num-layers 1",
     "ROLLOUT": "--prompt-data /shared/glm/data/prompt.jsonl --input-key prompt --label-key label --apply-chat-template --rollout-shuffle --rm-type deepscaler --num-rollout 3000 --rollout-batch-size 128 --n-samples-per-prompt 8 --rollout-max-response-len 32768 --rollout-temperature 1 --over-sampling-batch-size 256 --dynamic-sampling-filter-path slime.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std --num-steps-per-rollout 4 --balance-data --rollout-stop-token-ids 151329 151336 151338",
@@ -47,7 +47,7 @@ def as_flags(args: list[str]) -> dict[str, tuple]:
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
-    return config.load({"preset": "glm4.7-355b-64xh100", "base_dir": "/shared/glm", "runs": {"grpo": {}, "fp8": {"features": {"fp8_rollout": True}}}})
+    return resolve.load({"preset": "glm4.7-355b-64xh100", "base_dir": "/shared/glm", "runs": {"grpo": {}, "fp8": {"features": {"fp8_rollout": True}}}})
 
 
 @pytest.mark.parametrize("group", sorted(EXPECTED))
@@ -75,11 +75,11 @@ def test_fp8_rollout_switches_checkpoint_and_sglang(recipe):
 
 
 def test_mtp_toggles():
-    off = config.load({"preset": "glm4.7-355b-64xh100", "runs": {"r": {"features": {"mtp_training": False, "mtp_speculative_decoding": False}}}})
+    off = resolve.load({"preset": "glm4.7-355b-64xh100", "runs": {"r": {"features": {"mtp_training": False, "mtp_speculative_decoding": False}}}})
     g = groups(off, "r")
     assert g["MTP"] == [] and "--mtp-num-layers" not in g["MODEL"]
     assert not any(a.startswith("--sglang-speculative") for a in g["SGLANG"])
-    spec_only = config.load({"preset": "glm4.7-355b-64xh100", "runs": {"r": {"features": {"mtp_training": False}}}})
+    spec_only = resolve.load({"preset": "glm4.7-355b-64xh100", "runs": {"r": {"features": {"mtp_training": False}}}})
     g = groups(spec_only, "r")
     assert g["MTP"] == [] and "--mtp-num-layers" in g["MODEL"] and "--sglang-speculative-algorithm" in g["SGLANG"]
 

@@ -7,7 +7,7 @@ import json
 import torch
 from safetensors import safe_open
 
-from glmsnake import config
+from glmsnake import resolve
 from glmsnake.convert.tiny import make_tiny
 
 
@@ -24,7 +24,7 @@ def keys_and_dtypes(folder) -> dict[str, str]:
 
 def test_architecture_family(tiny_hf):
     cfg = json.loads((tiny_hf / "config.json").read_text())
-    m = config.load({}).preset.model
+    m = resolve.load({}).preset.model
     assert cfg["model_type"] == "glm4_moe" and cfg["num_nextn_predict_layers"] == 1
     assert cfg["first_k_dense_replace"] == 1 and cfg["num_hidden_layers"] == m.num_layers == 3
     assert cfg["rope_parameters"]["partial_rotary_factor"] == 0.5 and cfg["use_qk_norm"] and cfg["attention_bias"]
@@ -43,7 +43,7 @@ def test_architecture_family(tiny_hf):
 
 
 def test_deterministic_for_a_seed(tmp_path, tiny_hf):
-    m = config.load({}).preset.model
+    m = resolve.load({}).preset.model
     make_tiny(tmp_path / "again", m, seed=1234)
     make_tiny(tmp_path / "other", m, seed=7)
     for shard in tiny_hf.glob("*.safetensors"):

@@ -20,12 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from glmsnake import config
+from glmsnake import config, resolve
 from glmsnake.trainer import checkpoints, metrics
-from glmsnake.trainer.data import read_jsonl, rollout_batch, tiny_prompts
+from glmsnake.trainer.data import rollout_batch, tiny_prompts
 from glmsnake.trainer.loss import approx_kl, group_advantages, policy_loss, tis_weights
 from glmsnake.trainer.rewards import extract_answer, get_reward, math_reward, tiny_reward
-from glmsnake.trainer.settings import from_workflow
+from glmsnake.recipe.args import EvalArgs
+from glmsnake.steps.train import trainer_settings as from_workflow
 
 REPO = Path(__file__).resolve().parent.parent
 # The tiny hyperparameters these tests (and the preset) use.
@@ -119,20 +120,20 @@ def test_rollout_batches_are_a_function_of_the_rollout_id():
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """download_hf (tiny), datasets, torch_dist conversion: the train step's real inputs."""
-    from glmsnake import hub
+    from glmsnake.steps import weights
     from glmsnake.convert import torch_dist
 
     root = tmp_path_factory.mktemp("trainer")
-    wf = config.load({"base_dir": str(root)})
-    hub.step_download_hf(wf, wf.hf_dir / "glmsnake.manifest.json")
+    wf = resolve.load({"base_dir": str(root)})
+    weights.download_hf(wf, wf.paths.hf_manifest)
     for n in wf.preset.datasets:
-        hub.step_download_dataset(wf, wf.dataset_path(n), n)
-    torch_dist.convert(wf.hf_dir, wf.torch_dist_dir, wf.preset.model)
+        weights.download_dataset(wf, wf.paths.dataset(n), n)
+    torch_dist.convert(wf.paths.hf_dir, wf.paths.torch_dist_dir, wf.preset.model)
     return root
 
 
 def workflow(base: Path, **run) -> config.Workflow:
-    return config.load({"base_dir": str(base), "runs": {"default": config.deep_merge(TINY_RUN, run)}})
+    return resolve.load({"base_dir": str(base), "runs": {"default": resolve.deep_merge(TINY_RUN, run)}})
 
 
 def test_policy_state_round_trip_and_checkpoints_never_deleted(base, tmp_path):
@@ -140,8 +141,8 @@ def test_policy_state_round_trip_and_checkpoints_never_deleted(base, tmp_path):
     from glmsnake.trainer.policy import load_policy, to_checkpoint_state
 
     wf = workflow(base)
-    cfg = read_hf_config(wf.hf_dir)
-    ckpt = load_hf_state(wf.torch_dist_dir, cfg)
+    cfg = read_hf_config(wf.paths.hf_dir)
+    ckpt = load_hf_state(wf.paths.torch_dist_dir, cfg)
     model, extra, dtypes = load_policy(cfg, ckpt)
     assert any(k.startswith("model.layers.3.") for k in extra)  # the MTP layer is carried along
     back = to_checkpoint_state(model.state_dict(), extra, dtypes)
@@ -185,7 +186,7 @@ def run_loop(settings):
     from glmsnake.trainer.loop import Loop
 
     out = Loop(settings, log=lambda m: None).run()
-    return out, metrics.read(settings.metrics_path)
+    return out, metrics.read(settings.paths.metrics)
 
 
 def quarters(records) -> tuple[float, float]:
@@ -206,10 +207,10 @@ def test_learning_is_real(learned):
     print(f"reward first quarter {first:.3f} -> last quarter {last:.3f}")
     assert last - first >= LEARNING_MARGIN, (first, last)
     ro = metrics.rollouts(records)
-    assert [r["rollout_id"] for r in ro] == list(range(s.num_rollout))
+    assert [r["rollout_id"] for r in ro] == list(range(s.rollout.num_rollout))
     # Weights flowed after every step: rollout r sampled with the weights of version r, and the
     # sampler's log-probs equal the trainer's (same weights) up to float noise.
-    assert [r["weight_version"] for r in ro] == list(range(s.num_rollout))
+    assert [r["weight_version"] for r in ro] == list(range(s.rollout.num_rollout))
     assert max(r["train_rollout_logprob_abs_diff"] for r in ro) < 1e-4
     for key in ("reward_std", "response_len_mean", "loss", "ppo_kl", "grad_norm", "samples_per_s",
                 "rollout_samples_per_s", "train_samples_per_s", "sync_seconds"):
@@ -217,14 +218,14 @@ def test_learning_is_real(learned):
     evals = [r for r in records if r["kind"] == "eval"]
     assert [e["trained_rollouts"] for e in evals] == [0, 8, 16, 24, 32]  # eval_interval 8, and before training
     assert evals[-1]["eval/eval/reward_mean"] > evals[0]["eval/eval/reward_mean"] + 0.2
-    assert checkpoints.iterations(Path(s.checkpoint_dir)) == [3, 7, 11, 15, 19, 23, 27, 31]
+    assert checkpoints.iterations(Path(s.checkpoint_root)) == [3, 7, 11, 15, 19, 23, 27, 31]
     assert out["final_iteration"] == 31
-    assert s.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert s.paths.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_flipped_advantages_do_not_learn(base, ray_local):
-    wf = config.load({"base_dir": str(base), "runs": {"flipped": TINY_RUN}})
-    s = from_workflow(wf, "flipped").replace(advantage_sign=-1.0, eval_interval=None)
+    wf = resolve.load({"base_dir": str(base), "runs": {"flipped": TINY_RUN}})
+    s = from_workflow(wf, "flipped").replace(advantage_sign=-1.0, eval=EvalArgs())
     _, records = run_loop(s)
     first, last = quarters(records)
     print(f"flipped: reward first quarter {first:.3f} -> last quarter {last:.3f}")
@@ -235,7 +236,7 @@ def test_gspo_kl_entropy_tis_multi_step(base, ray_local):
     """Every loss term switched on, two optimizer steps per rollout (off-policy second step)."""
     grpo = {"advantage_estimator": "gspo", "use_kl_loss": True, "kl_loss_coef": 0.01, "kl_loss_type": "low_var_kl",
             "kl_coef": 0.01, "entropy_coef": 0.001, "use_tis": True, "eps_clip": 1e-4, "eps_clip_high": 2e-4}
-    wf = config.load({"base_dir": str(base), "runs": {"gspo": {
+    wf = resolve.load({"base_dir": str(base), "runs": {"gspo": {
         "rollout": {"num_rollout": 3, "num_steps_per_rollout": 2}, "grpo": grpo, "perf": {"micro_batch_size": 8},
         "optimizer": {"lr": 1e-2}, "train": {"save_interval": 2}}}})
     s = from_workflow(wf, "gspo")
@@ -246,7 +247,7 @@ def test_gspo_kl_entropy_tis_multi_step(base, ray_local):
     assert ro[0]["kl_ref"] == pytest.approx(0, abs=1e-6)  # policy == reference before the first step
     assert ro[-1]["kl_ref"] > 0
     assert ro[-1]["pg_clipfrac"] > 0  # tiny GSPO clip range: the second step is clipped
-    assert checkpoints.iterations(Path(s.checkpoint_dir)) == [1, 2]  # every 2, and the last
+    assert checkpoints.iterations(Path(s.checkpoint_root)) == [1, 2]  # every 2, and the last
 
 
 # --------------------------------------------------------------------------- kill, resume, step, export
@@ -260,13 +261,13 @@ def test_killed_run_resumes_from_its_checkpoint_then_step_and_export(base, learn
     """Kill the driver (and its private Ray) after a checkpoint; the train step's next attempt
     resumes from it, the metrics continue, no checkpoint is deleted, and the result equals the
     uninterrupted run exactly (same prompts, same sampling seeds, restored Adam and RNG)."""
-    from glmsnake.convert.torch_dist import step_export
-    from glmsnake.trainer.step import step, write_settings
+    from glmsnake.steps.export import export_hf as step_export
+    from glmsnake.steps.train import train_run as step, write_settings
 
     s_ref, _, ref_records = learned
-    wf = config.load({"base_dir": str(base), "runs": {"resumed": TINY_RUN}})
+    wf = resolve.load({"base_dir": str(base), "runs": {"resumed": TINY_RUN}})
     settings, path = write_settings(wf, "resumed")
-    ck = Path(settings.checkpoint_dir)
+    ck = Path(settings.checkpoint_root)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     log = open(tmp_path / "attempt1.log", "w")
     proc = subprocess.Popen(_driver_cmd(path), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -284,21 +285,21 @@ def test_killed_run_resumes_from_its_checkpoint_then_step_and_export(base, learn
 
         shutil.rmtree(f"/tmp/gsray{proc.pid}", ignore_errors=True)  # the killed private Ray's temp dir
     at_kill = checkpoints.iterations(ck)
-    assert at_kill[-1] < settings.num_rollout - 1, "the run finished before it could be killed"
-    done_before = metrics.rollouts(metrics.read(settings.metrics_path))
+    assert at_kill[-1] < settings.rollout.num_rollout - 1, "the run finished before it could be killed"
+    done_before = metrics.rollouts(metrics.read(settings.paths.metrics))
     print(f"killed with checkpoints {at_kill}, {len(done_before)} rollouts logged")
 
-    sentinel = wf.run_dir("resumed") / "glmsnake.done.json"
+    sentinel = wf.paths.run("resumed").root / "glmsnake.done.json"
     step(wf, sentinel, "resumed")
     rec = json.loads(sentinel.read_text())
-    assert rec["final_iteration"] == settings.num_rollout - 1
+    assert rec["final_iteration"] == settings.rollout.num_rollout - 1
     assert rec["config_hash"] == wf.config_hash("resumed")
     assert set(at_kill) <= set(rec["checkpoints"])  # nothing deleted
     assert set(at_kill) <= set(checkpoints.iterations(ck))
     assert {"torch", "transformers", "ray"} <= set(rec["versions"])
-    records = metrics.read(settings.metrics_path)
+    records = metrics.read(settings.paths.metrics)
     ro = metrics.rollouts(records)
-    assert [r["rollout_id"] for r in ro] == list(range(settings.num_rollout))  # continued, not restarted
+    assert [r["rollout_id"] for r in ro] == list(range(settings.rollout.num_rollout))  # continued, not restarted
     # Rollouts before the checkpoint kept their original lines (timestamps of the first attempt).
     first_attempt = {r["rollout_id"]: r["time"] for r in done_before}
     assert all(ro[i]["time"] == first_attempt[i] for i in range(at_kill[-1] + 1))
@@ -308,10 +309,10 @@ def test_killed_run_resumes_from_its_checkpoint_then_step_and_export(base, learn
     assert rec["metrics_summary"]["reward_last_quarter"] == pytest.approx(quarters(ref_records)[1])
 
     # export_hf: the final checkpoint back to an HF folder that transformers loads.
-    out_sentinel = wf.run_dir("resumed") / "hf" / "glmsnake.done.json"
+    out_sentinel = wf.paths.run("resumed").root / "hf" / "glmsnake.done.json"
     step_export(wf, out_sentinel, "resumed")
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(wf.run_dir("resumed") / "hf")
+    model = AutoModelForCausalLM.from_pretrained(wf.paths.run("resumed").root / "hf")
     ids = torch.tensor([[86, 68, 92, 3, 70, 29]])  # "say c:"
     assert torch.isfinite(model(ids).logits).all()

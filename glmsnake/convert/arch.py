@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from glmsnake.errors import GlmsnakeError
-from glmsnake.recipe.flags import ModelArgs
+from glmsnake.recipe.args import ModelArgs
 
 
 def hf_fields(m: ModelArgs) -> dict[str, Any]:

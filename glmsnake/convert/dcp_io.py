@@ -1,8 +1,9 @@
 """Byte-level I/O for the conversions: HF safetensors by row ranges, torch_dist (DCP) files.
 
-Reading HF: the safetensors header gives each tensor's byte range, so a converter reads
-exactly the rows it needs with `preadv` straight into the destination tensor (no mmap:
-pages of a whole shard never pile up in the process's RSS).
+Reading HF: the safetensors header (read and checked by safetensors_io) gives each
+tensor's byte range, so a converter reads exactly the rows it needs with `preadv`
+straight into the destination tensor (no mmap: pages of a whole shard never pile up
+in the process's RSS).
 
 Writing torch_dist: each writer rank appends its tensors to its own `__<rank>_0.distcp`
 exactly as torch.distributed.checkpoint's FileSystemWriter does (one `torch.save` record
@@ -17,7 +18,6 @@ import io
 import json
 import os
 import pickle
-import struct
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -36,18 +36,11 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from glmsnake.convert.safetensors_io import DTYPES, INDEX_NAME, SINGLE_NAME, read_header
 from glmsnake.errors import GlmsnakeError
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 METADATA_NAME = ".metadata"
 _PREAD_CHUNK = 1 << 30  # Linux returns at most ~2 GiB per read call
-
-SAFETENSORS_DTYPES = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
 
 
 # --------------------------------------------------------------------------- HF safetensors, read side
@@ -62,18 +55,13 @@ class HfEntry:
     end: int
 
 
-def read_safetensors_header(path: Path) -> dict[str, HfEntry]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    base = 8 + n
-    out = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        s, e = info["data_offsets"]
-        out[key] = HfEntry(path.name, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), base + s, base + e)
-    return out
+def _shard_entries(path: Path) -> dict[str, HfEntry]:
+    """Every tensor of one shard file, with its absolute byte range."""
+    h = read_header(path)
+    return {
+        key: HfEntry(path.name, DTYPES[t.dtype], t.shape, h.data_start + t.begin, h.data_start + t.end)
+        for key, t in h.tensors.items()
+    }
 
 
 class HfReader:
@@ -90,7 +78,7 @@ class HfReader:
             raise GlmsnakeError(f"{self.dir} holds no {INDEX_NAME} or {SINGLE_NAME}", "point at an HF checkpoint folder")
         self.entries: dict[str, HfEntry] = {}
         for name in files:
-            self.entries.update(read_safetensors_header(self.dir / name))
+            self.entries.update(_shard_entries(self.dir / name))
         self._fds: dict[str, int] = {}
 
     def keys(self) -> list[str]:

@@ -1,8 +1,7 @@
 """HF GLM-4-MoE names <-> Megatron-Core (local spec) torch_dist keys, both directions.
 
 One `MegatronTensor` describes a Megatron key, the HF tensors it is made of and how
-(design sections 4 and 6; checked against megatron-core 0.19.2's GPTModel and
-slime's GLM-4-MoE converter):
+(checked against megatron-core 0.19.2's GPTModel and slime's GLM-4-MoE converter):
 
 - `copy`      one HF tensor as is (norms, router, expert bias, o_proj, down_proj, ...);
 - `qkv`       q/k/v concatenated per query group: [q heads of the group x head_dim, k, v];
@@ -16,7 +15,6 @@ layer, the head) so converters stream one layer at a time. Each unit also lists 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -285,18 +283,3 @@ def split(t: MegatronTensor, value: torch.Tensor, arch: GlmArch) -> dict[str, to
     if t.kind == "experts_down":
         return {s: value[e].contiguous() for e, s in enumerate(t.sources)}
     raise ValueError(t.kind)
-
-
-def hf_layer_of(hf_key: str) -> int | None:
-    m = re.match(r"model\.layers\.(\d+)\.", hf_key)
-    return int(m.group(1)) if m else None
-
-
-def manifest(arch: GlmArch, hf_shape: Callable[[str], tuple[int, ...]]) -> dict[str, Any]:
-    """The key set Megatron asks for: {"tensors": {key: shape}, "objects": [unique keys]}."""
-    tensors, objects = {}, []
-    for u in units(arch):
-        for t in u.tensors:
-            tensors[t.key] = list(megatron_shape(t, hf_shape))
-        objects += u.extra_states
-    return {"tensors": dict(sorted(tensors.items())), "objects": sorted(objects)}

@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import save_file
 
 from glmsnake.convert.arch import hf_fields, rope_fields
-from glmsnake.recipe.flags import ModelArgs
+from glmsnake.convert.safetensors_io import INDEX_NAME
+from glmsnake.recipe.args import ModelArgs
 
 # Character-level vocabulary: specials, then printable ASCII.
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
-INDEX_NAME = "model.safetensors.index.json"
 
 
 def hf_config(m: ModelArgs, num_hidden_layers: int | None = None):

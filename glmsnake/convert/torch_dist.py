@@ -1,4 +1,4 @@
-"""HF GLM-4-MoE <-> Megatron torch_dist, both directions (the `convert_torch_dist` and `export_hf` steps).
+"""HF GLM-4-MoE <-> Megatron torch_dist, both directions (used by the convert_torch_dist and export_hf steps).
 
 Writer (`backend: glmsnake`): CPU only, no model is built. The HF tensors are read by row
 ranges straight into the Megatron tensors (qkv merged per query group, fc1 = cat(gate, up),
@@ -8,8 +8,7 @@ rank's entries over gloo and writes the index `.metadata`, `common.pt` and
 `metadata.json`. The release layout is staged in a temporary folder and renamed when
 complete; the sentinel is written last.
 
-Backend `slime`: slime's own `tools/convert_hf_to_torch_dist.py` under torchrun on every
-node of the allocation, inside the container (the launcher puts tasks there).
+Backend `slime`: slime's own converter (glmsnake.convert.slime_converter).
 
 Reader: `load_hf_state` / `export_hf` turn any torch_dist checkpoint of this architecture
 (ours, slime's, or Megatron's own training saves) back into HF tensors via torch's DCP
@@ -21,8 +20,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +27,10 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from glmsnake.atomic import publish_dir, sha256_file, temp_dir_for, write_bytes, write_json, write_sentinel
+from glmsnake.atomic import publish_dir, sha256_file, temp_dir_for, write_bytes, write_json
 from glmsnake.convert import megatron_names as names
 from glmsnake.convert.arch import check_hf_config
 from glmsnake.convert.dcp_io import (
-    INDEX_NAME,
     METADATA_NAME,
     DcpEntry,
     DcpReader,
@@ -45,13 +41,14 @@ from glmsnake.convert.dcp_io import (
     tensor_index,
     write_metadata,
 )
+from glmsnake.convert.safetensors_io import INDEX_NAME, SINGLE_NAME
 from glmsnake.errors import GlmsnakeError
+from glmsnake.paths import TRACKER
 
 if TYPE_CHECKING:
-    from glmsnake.config import Workflow
-    from glmsnake.recipe.flags import ModelArgs
+    from glmsnake.recipe.args import ModelArgs
 
-TRACKER_NAME = "latest_checkpointed_iteration.txt"
+TRACKER_NAME = TRACKER
 RELEASE = "release"
 COMMON_NAME = "common.pt"
 DIST_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
@@ -220,14 +217,14 @@ def convert(hf_dir: Path, out_root: Path, model_args: "ModelArgs | None" = None,
     """
     plan = plan_conversion(hf_dir, model_args)
     out_root = Path(out_root)
-    stage = _fresh_stage(out_root)
+    stage = fresh_stage(out_root)
     run_writers_locally(WriterTask(plan, str(stage / RELEASE), None, provenance), writers)
     write_bytes(stage / TRACKER_NAME, RELEASE.encode())
     publish_dir(stage, out_root)
     return out_root / RELEASE
 
 
-def _fresh_stage(final: Path) -> Path:
+def fresh_stage(final: Path) -> Path:
     # A partial folder from a failed attempt holds half-written .distcp files: start over.
     stage = temp_dir_for(final)
     shutil.rmtree(stage, ignore_errors=True)
@@ -238,7 +235,7 @@ def _fresh_stage(final: Path) -> Path:
 # --------------------------------------------------------------------------- checkpoints in HF names (trainer)
 
 
-def checkpoint_dir(path: Path) -> Path:
+def find_checkpoint(path: Path) -> Path:
     """An `iter_*`/`release` folder, or the latest one of a checkpoint root (tracker file)."""
     path = Path(path)
     if (path / "metadata.json").is_file():
@@ -289,7 +286,7 @@ def load_hf_state(ckpt: Path, hf_config: Mapping[str, Any] | Any,
                   dtypes: Mapping[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
     """All tensors of a torch_dist checkpoint (root or iteration folder) in HF names."""
     arch = names.GlmArch.from_hf_config(hf_config)
-    reader = DcpReader(checkpoint_dir(ckpt))
+    reader = DcpReader(find_checkpoint(ckpt))
     out: dict[str, torch.Tensor] = {}
     for unit in names.units(arch):
         out.update(_unit_to_hf(unit, reader, arch, dtypes))
@@ -323,12 +320,12 @@ def export_hf(ckpt: Path, reference_hf: Path, out_dir: Path) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     arch = names.GlmArch.from_hf_config(read_hf_config(reference_hf))
-    reader = DcpReader(checkpoint_dir(ckpt))
+    reader = DcpReader(find_checkpoint(ckpt))
     with HfReader(reference_hf) as ref:
         ref_keys, dtypes = ref.keys(), {k: ref.dtype(k) for k in ref.keys()}
     names.check_hf_keys(arch, ref_keys, str(reference_hf))
     index_path = reference_hf / INDEX_NAME
-    plan = json.loads(index_path.read_text())["weight_map"] if index_path.is_file() else {k: "model.safetensors" for k in ref_keys}
+    plan = json.loads(index_path.read_text())["weight_map"] if index_path.is_file() else {k: SINGLE_NAME for k in ref_keys}
     remaining: dict[str, set[str]] = {}
     for k, f in plan.items():
         remaining.setdefault(f, set()).add(k)
@@ -360,64 +357,7 @@ def export_hf(ckpt: Path, reference_hf: Path, out_dir: Path) -> dict[str, Any]:
     return {"files": sorted(set(plan.values())), "tensors": len(plan)}
 
 
-# --------------------------------------------------------------------------- slime backend
-
-
-def slime_command(wf: "Workflow", save_dir: Path, *, node_rank: int, master_addr: str, master_port: int | str,
-                  base_env: Mapping[str, str] | None = None) -> tuple[list[str], str, dict[str, str]]:
-    """(argv, cwd, env) of slime's converter on one node of the allocation.
-
-    torchrun with the allocation's node count and the writer ranks per node, then the
-    MODEL args, the HF folder and the save folder; cwd is slime's checkout and
-    PYTHONPATH puts Megatron-LM first.
-    """
-    td, train = wf.preset.convert.torch_dist, wf.preset.train
-    argv = [
-        "torchrun",
-        "--nnodes", str(td.allocation.nodes),
-        "--nproc-per-node", str(td.writers_per_node),
-        "--node-rank", str(node_rank),
-        "--master-addr", str(master_addr),
-        "--master-port", str(master_port),
-        "tools/convert_hf_to_torch_dist.py",
-        *wf.preset.model.render(),
-        "--hf-checkpoint", str(wf.hf_dir),
-        "--save", str(save_dir),
-    ]
-    env = dict(os.environ if base_env is None else base_env)
-    old = env.get("PYTHONPATH")
-    env.update({
-        "PYTHONPATH": train.megatron_dir + (os.pathsep + old if old else ""),
-        "MASTER_ADDR": str(master_addr),
-        "MASTER_PORT": str(master_port),
-        "NODE_RANK": str(node_rank),
-    })
-    # torchrun sets these per worker; stale values from the launcher would confuse it.
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        env.pop(k, None)
-    return argv, train.slime_dir, env
-
-
-class SlimeNodeTask:
-    """One task per node: runs slime's converter under torchrun with this node's rank."""
-
-    def __init__(self, wf: "Workflow", save_dir: str):
-        self.wf, self.save_dir = wf, save_dir
-
-    def __call__(self) -> dict[str, Any]:
-        node_rank = int(os.environ.get("NODE_RANK", os.environ.get("RANK", 0)))
-        argv, cwd, env = slime_command(self.wf, Path(self.save_dir), node_rank=node_rank,
-                                       master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                                       master_port=os.environ.get("MASTER_PORT", "29500"))
-        print("[glmsnake] " + " ".join(argv), file=sys.stderr, flush=True)
-        rc = subprocess.run(argv, cwd=cwd, env=env).returncode
-        if rc != 0:
-            raise GlmsnakeError(f"slime's convert_hf_to_torch_dist.py exited with {rc} on node rank {node_rank}",
-                                "read the task log; set convert.torch_dist.backend: glmsnake to use the CPU writer")
-        return {"node_rank": node_rank, "rc": rc}
-
-
-# --------------------------------------------------------------------------- steps
+# --------------------------------------------------------------------------- checks of a written checkpoint
 
 
 def describe_checkpoint(ckpt_dir: Path) -> dict[str, Any]:
@@ -447,63 +387,3 @@ def verify_release(root: Path) -> Path:
     if json.loads((rel / "metadata.json").read_text()).get("sharded_backend") != "torch_dist":
         raise GlmsnakeError(f"{rel / 'metadata.json'} is not a torch_dist checkpoint config")
     return rel
-
-
-def step(wf: "Workflow", sentinel: Path) -> None:
-    """`glmsnake step convert-torch-dist`: HF -> torch_dist release checkpoint, then the sentinel."""
-    from glmsnake import staleness
-    from glmsnake.launch.executors import run_job
-
-    td = wf.preset.convert.torch_dist
-    final = wf.torch_dist_dir
-    t0 = time.monotonic()
-    cfg = read_hf_config(wf.hf_dir)
-    check_hf_config(cfg, wf.preset.model, str(wf.hf_dir))  # before anything is written or allocated
-    log_dir = wf.base / "logs" / "convert_torch_dist"
-    if td.backend == "glmsnake":
-        plan = plan_conversion(wf.hf_dir, wf.preset.model)
-        stage = _fresh_stage(final)
-        task = WriterTask(plan, str(stage / RELEASE), None, {"hf_dir": str(wf.hf_dir)})
-        rec = run_job(wf, td.allocation, td.writers_per_node, task, "convert_torch_dist", log_dir)
-        write_bytes(stage / TRACKER_NAME, RELEASE.encode())
-    else:
-        stage = temp_dir_for(final)
-        shutil.rmtree(stage, ignore_errors=True)
-        stage.mkdir(parents=True)
-        rec = run_job(wf, td.allocation, 1, SlimeNodeTask(wf, str(stage)), "convert_torch_dist", log_dir)
-    rel = verify_release(stage)
-    info = describe_checkpoint(rel)
-    publish_dir(stage, final)
-    write_sentinel(
-        sentinel, step="convert_torch_dist", settings=staleness.torch_dist(wf),
-        backend=td.backend, hf_dir=str(wf.hf_dir), output=str(final),
-        writers=td.allocation.nodes * (td.writers_per_node if td.backend == "glmsnake" else 1),
-        job=_job_record(rec), seconds=round(time.monotonic() - t0, 3), **info,
-    )
-
-
-def _job_record(rec: Any) -> dict[str, Any]:
-    out = {}
-    for k in ("job_id", "nodes"):
-        v = getattr(rec, k, None)
-        if v is not None:
-            out[k] = v if isinstance(v, (str, int, list)) else str(v)
-    return out
-
-
-def step_export(wf: "Workflow", sentinel: Path, run: str) -> None:
-    """`glmsnake step export-hf --run R`: the run's latest checkpoint -> `<run>/hf`, then the sentinel."""
-    from glmsnake import staleness
-
-    t0 = time.monotonic()
-    ckpt = checkpoint_dir(wf.run_dir(run) / "checkpoints")
-    final = wf.run_dir(run) / "hf"
-    stage = temp_dir_for(final)
-    shutil.rmtree(stage, ignore_errors=True)
-    summary = export_hf(ckpt, wf.hf_dir, stage)
-    publish_dir(stage, final)
-    write_sentinel(
-        sentinel, step="export_hf", settings=staleness.export_hf(wf, run), checkpoint=str(ckpt),
-        metadata_sha256=sha256_file(ckpt / METADATA_NAME), output=str(final),
-        seconds=round(time.monotonic() - t0, 3), **summary,
-    )

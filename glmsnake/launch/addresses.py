@@ -1,4 +1,4 @@
-"""Node addresses and per-job ports for multi-node steps (design sections 5 and 6).
+"""Node addresses and per-job ports for multi-node steps.
 
 A node's address comes from a configured network interface (`slurm.network_interface`,
 e.g. ib0) or else from Slurm's own record of the node (`scontrol show node` NodeAddr),
@@ -18,6 +18,7 @@ import struct
 import subprocess
 
 from glmsnake.errors import GlmsnakeError
+from glmsnake.launch import slurm
 
 # Ports we pick live above Ray's default worker port range (10002-19999) and below the
 # kernel's ephemeral range (usually 32768-60999), so they cannot clash with either.
@@ -50,12 +51,9 @@ def interface_address(interface: str) -> str:
 def slurm_node_address(node: str) -> str:
     """The address Slurm records for a node (NodeAddr), resolved to an IP."""
     try:
-        out = subprocess.run(
-            ["scontrol", "show", "node", "-o", node], capture_output=True, text=True, timeout=30, check=True
-        ).stdout
+        fields = slurm.node_record(node)
     except (subprocess.SubprocessError, OSError) as e:
         raise GlmsnakeError(f"cannot ask Slurm for node {node!r}'s address: {e}") from None
-    fields = dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
     addr = fields.get("NodeAddr") or fields.get("NodeHostName") or node
     try:
         ipaddress.ip_address(addr)

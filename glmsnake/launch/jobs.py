@@ -1,4 +1,4 @@
-"""Run the training driver through Ray's Jobs SDK and pass its exit status on (design section 3).
+"""Run the training driver through Ray's Jobs SDK and pass its exit status on.
 
 `submit_and_wait(dashboard_url, driver, log_path, ...)` submits `driver.argv` (run in
 `driver.cwd`) with `driver.env` as the runtime env's env_vars, streams the job's log into

@@ -13,7 +13,6 @@ import json
 import random
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -75,13 +74,13 @@ class TrainWorker:
         self.model, self.extra, self.dtypes = load_policy(self.hf_config, initial)
         self.model.to(self.device).train()
         self.ref = None
-        if (settings.use_kl_loss and settings.kl_loss_coef > 0) or settings.kl_coef > 0:
+        if (settings.grpo.use_kl_loss and settings.grpo.kl_loss_coef > 0) or settings.grpo.kl_coef > 0:
             self.ref, _, _ = load_policy(self.hf_config, initial)
             self.ref.to(self.device).eval().requires_grad_(False)
         del initial
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=settings.lr, betas=(settings.adam_beta1, settings.adam_beta2),
-                                     eps=1e-8, weight_decay=settings.weight_decay)
+        self.opt = torch.optim.AdamW(params, lr=settings.optimizer.lr, betas=(settings.optimizer.adam_beta1, settings.optimizer.adam_beta2),
+                                     eps=1e-8, weight_decay=settings.optimizer.weight_decay)
         self.rollout_id = 0
         self.steps = 0
         torch.manual_seed(settings.seed)
@@ -92,7 +91,7 @@ class TrainWorker:
 
     # ---------------------------------------------------------------- state
     def _restore(self, iteration: int) -> None:
-        st = checkpoints.load_trainer_state(Path(self.s.checkpoint_dir), iteration)
+        st = checkpoints.load_trainer_state(Path(self.s.checkpoint_root), iteration)
         self.model.load_state_dict(st["model"], strict=False)  # fp32 master weights
         self.opt.load_state_dict(st["optimizer"])
         torch.set_rng_state(st["rng"]["torch"])
@@ -119,7 +118,7 @@ class TrainWorker:
             "steps": self.steps,
             "iteration": iteration,
         }
-        path = checkpoints.save(Path(self.s.checkpoint_dir), iteration, state, self.hf_config, trainer_state)
+        path = checkpoints.save(Path(self.s.checkpoint_root), iteration, state, self.hf_config, trainer_state)
         return json.dumps({"path": str(path), "seconds": time.perf_counter() - t0})
 
     # ---------------------------------------------------------------- training
@@ -128,7 +127,7 @@ class TrainWorker:
         out = []
         for i in range(0, len(batch_rows), self.s.micro_batch_size):
             b = pack(batch_rows[i:i + self.s.micro_batch_size], self.pad_id, self.device)
-            lp, _ = token_logprobs(model, b, self.s.rollout_temperature)
+            lp, _ = token_logprobs(model, b, self.s.rollout.rollout_temperature)
             out.append(lp)
         width = max(x.shape[1] for x in out)
         return torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1])) for x in out])
@@ -154,34 +153,34 @@ class TrainWorker:
             ref = torch.nn.functional.pad(ref, (0, mask.shape[1] - ref.shape[1]))
             kl_tok = (old - ref) * mask
             stats["kl_ref"] = float(masked_sample_mean(kl_tok, mask).mean())
-            if s.kl_coef > 0:
-                adv = adv - s.kl_coef * kl_tok
+            if s.grpo.kl_coef > 0:
+                adv = adv - s.grpo.kl_coef * kl_tok
         # The rollout engine's log-probs against ours: ~0 when the weight sync works.
         diff = ((old - full["rollout_logp"]).abs() * mask).sum() / mask.sum().clamp(min=1)
         stats["train_rollout_logprob_abs_diff"] = float(diff)
         n = len(samples)
-        global_bs = max(1, n // s.num_steps_per_rollout)
+        global_bs = max(1, n // s.rollout.num_steps_per_rollout)
         agg: dict[str, list[float]] = {}
-        for step in range(s.num_steps_per_rollout):
-            idx = list(range(step * global_bs, n if step == s.num_steps_per_rollout - 1 else (step + 1) * global_bs))
+        for step in range(s.rollout.num_steps_per_rollout):
+            idx = list(range(step * global_bs, n if step == s.rollout.num_steps_per_rollout - 1 else (step + 1) * global_bs))
             self.opt.zero_grad(set_to_none=True)
             for m0 in range(0, len(idx), s.micro_batch_size):
                 mi = idx[m0:m0 + s.micro_batch_size]
                 b = pack([samples[i] for i in mi], self.pad_id, self.device)
                 width = b["ids"].shape[1]
                 o, a = old[mi, :width], adv[mi, :width]
-                lp, ent = token_logprobs(self.model, b, s.rollout_temperature, with_entropy=s.entropy_coef != 0)
-                pg, pst = policy_loss(lp, o, a, b["mask"], s.advantage_estimator, s.eps_clip, s.eps_clip_high)
-                if s.use_tis:
+                lp, ent = token_logprobs(self.model, b, s.rollout.rollout_temperature, with_entropy=s.grpo.entropy_coef != 0)
+                pg, pst = policy_loss(lp, o, a, b["mask"], s.grpo.advantage_estimator, s.grpo.eps_clip, s.grpo.eps_clip_high)
+                if s.grpo.use_tis:
                     pg = pg * tis_weights(o, b["rollout_logp"])
                 per_sample = masked_sample_mean(pg, b["mask"])
                 loss_s = per_sample
                 if ent is not None:
-                    loss_s = loss_s - s.entropy_coef * masked_sample_mean(ent, b["mask"])
-                if s.use_kl_loss and s.kl_loss_coef > 0 and ref is not None:
+                    loss_s = loss_s - s.grpo.entropy_coef * masked_sample_mean(ent, b["mask"])
+                if s.grpo.use_kl_loss and s.grpo.kl_loss_coef > 0 and ref is not None:
                     kl = approx_kl(lp, ref[mi, :width], s.kl_loss_type)
                     kls = masked_sample_mean(kl, b["mask"])
-                    loss_s = loss_s + s.kl_loss_coef * kls
+                    loss_s = loss_s + s.grpo.kl_loss_coef * kls
                     agg.setdefault("kl_loss", []).extend(kls.tolist())
                 # Sum of sample means over the global batch, like slime's default aggregation.
                 (loss_s.sum() / len(idx)).backward()

@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from glmsnake import knobs
+
 SUMMARY_PREFIX = "GLMSNAKE_SUMMARY "
 
 
@@ -29,7 +31,7 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     # (127.0.0.1 would be mapped to the interface address), one per process so that two
     # runs trained at once never share a GCS address; no dashboard.
     ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,
-             _node_ip_address=os.environ.get("GLMSNAKE_LOCAL_RAY_IP") or local_ray_ip(os.getpid()),
+             _node_ip_address=knobs.LOCAL_RAY_IP.raw() or local_ray_ip(os.getpid()),
              _temp_dir=local_ray_tmp())
 
 
@@ -39,7 +41,7 @@ def local_ray_ip(pid: int) -> str:
 
 def local_ray_tmp() -> str:
     # Short: Ray's unix socket paths must stay under 107 bytes.
-    return os.environ.get("GLMSNAKE_LOCAL_RAY_TMP", f"/tmp/gsray{os.getpid()}")
+    return knobs.LOCAL_RAY_TMP.raw() or f"/tmp/gsray{os.getpid()}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
         shutil.rmtree(local_ray_tmp(), ignore_errors=True)  # the private Ray's logs; kept on failure
     print(SUMMARY_PREFIX + json.dumps(summary, sort_keys=True), flush=True)
-    return 0 if summary.get("final_iteration") == settings.num_rollout - 1 else 1
+    return 0 if summary.get("final_iteration") == settings.rollout.num_rollout - 1 else 1
 
 
 if __name__ == "__main__":

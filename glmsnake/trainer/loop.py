@@ -55,14 +55,14 @@ class Loop:
 
         s = self.s
         Path(s.run_dir).mkdir(parents=True, exist_ok=True)
-        ckroot = Path(s.checkpoint_dir)
+        ckroot = Path(s.checkpoint_root)
         resume = checkpoints.latest(ckroot)
         start = 0 if resume is None else resume + 1
-        kept = metrics.truncate_to(s.metrics_path, start)
+        kept = metrics.truncate_to(s.paths.metrics, start)
         self.log(f"[trainer] run {s.run}: checkpoints {checkpoints.iterations(ckroot)}; "
                  f"{'resuming from iter ' + str(resume) if resume is not None else 'starting from the torch_dist weights'}")
-        if start >= s.num_rollout:
-            metrics.plot(kept, s.plot_path, s.run)
+        if start >= s.rollout.num_rollout:
+            metrics.plot(kept, s.paths.plot, s.run)
             return {"start": start, "final_iteration": resume, **metrics.summary(kept)}
         t_opts, r_opts = actor_options(ray)
         trainer = ray.remote(TrainWorker).options(**t_opts).remote(s, resume)
@@ -71,20 +71,20 @@ class Loop:
         if got != start:
             raise RuntimeError(f"trainer restored rollout {got}, expected {start}")
         self.sync(trainer, rollout, start)
-        rows = read_jsonl(Path(s.prompt_data), s.input_key, s.label_key)
-        evals = {n: read_jsonl(Path(p), s.input_key, s.label_key) for n, p in s.eval_data.items()}
-        if evals and s.eval_interval and start % s.eval_interval == 0 \
+        rows = read_jsonl(Path(s.prompt_data), s.rollout.input_key, s.rollout.label_key)
+        evals = {n: read_jsonl(Path(p), s.rollout.input_key, s.rollout.label_key) for n, p in s.eval_data.items()}
+        if evals and s.eval.eval_interval and start % s.eval.eval_interval == 0 \
                 and not any(r.get("kind") == "eval" and r["trained_rollouts"] == start for r in kept):
             self.evaluate(rollout, evals, start)
-        for r in range(start, s.num_rollout):
+        for r in range(start, s.rollout.num_rollout):
             self.one_rollout(trainer, rollout, rows, r)
-            if evals and s.eval_interval and (r + 1) % s.eval_interval == 0:
+            if evals and s.eval.eval_interval and (r + 1) % s.eval.eval_interval == 0:
                 self.evaluate(rollout, evals, r + 1)
-            if (r + 1) % s.save_interval == 0 or r + 1 == s.num_rollout:
+            if (r + 1) % s.save_interval == 0 or r + 1 == s.rollout.num_rollout:
                 info = ray.get(trainer.save.remote(r))
                 self.log(f"[trainer] saved iter {r}: {info}")
-                metrics.plot(metrics.read(s.metrics_path), s.plot_path, s.run)
-        records = metrics.read(s.metrics_path)
+                metrics.plot(metrics.read(s.paths.metrics), s.paths.plot, s.run)
+        records = metrics.read(s.paths.metrics)
         return {"start": start, "final_iteration": checkpoints.latest(ckroot), **metrics.summary(records)}
 
     def sync(self, trainer, rollout, version: int) -> float:
@@ -99,10 +99,10 @@ class Loop:
         import ray
 
         s = self.s
-        batch = rollout_batch(rows, r, s.rollout_batch_size, s.rollout_shuffle, s.rollout_seed)
+        batch = rollout_batch(rows, r, s.rollout.rollout_batch_size, s.rollout.rollout_shuffle, s.rollout_seed)
         t0 = time.perf_counter()
         samples, ginfo = ray.get(rollout.generate.remote(
-            batch, s.n_samples_per_prompt, s.rollout_max_response_len, s.rollout_temperature,
+            batch, s.rollout.n_samples_per_prompt, s.rollout.rollout_max_response_len, s.rollout.rollout_temperature,
             sampling_seed(s.rollout_seed, r)))
         t1 = time.perf_counter()
         stats = ray.get(trainer.train.remote(r, samples))
@@ -132,7 +132,7 @@ class Loop:
             "time": time.time(),
             **{k: v for k, v in stats.items() if k != "train_seconds"},
         }
-        metrics.append(s.metrics_path, rec)
+        metrics.append(s.paths.metrics, rec)
         self.log(f"[trainer] rollout {r}: reward {rec['reward_mean']:.3f} ± {rec['reward_std']:.3f} "
                  f"loss {rec.get('loss', 0):+.4f} len {rec['response_len_mean']:.2f} "
                  f"({rec['samples_per_s']:.1f} samples/s, sync {sync_s * 1e3:.0f} ms)")
@@ -145,12 +145,12 @@ class Loop:
         rec: dict[str, Any] = {"kind": "eval", "trained_rollouts": step, "time": time.time()}
         for i, (name, rows) in enumerate(sorted(evals.items())):
             samples, info = ray.get(rollout.generate.remote(
-                rows, s.n_samples_per_eval_prompt, s.eval_max_response_len or s.rollout_max_response_len,
-                s.rollout_temperature, sampling_seed(s.rollout_seed, step, salt=1 + i)))
+                rows, s.eval.n_samples_per_eval_prompt, s.eval.eval_max_response_len or s.rollout.rollout_max_response_len,
+                s.rollout.rollout_temperature, sampling_seed(s.rollout_seed, step, salt=1 + i)))
             rec[f"eval/{name}/reward_mean"] = _mean([x.reward for x in samples])
             rec[f"eval/{name}/response_len_mean"] = _mean([len(x.response_ids) for x in samples])
             rec[f"eval/{name}/seconds"] = info["seconds"]
-        metrics.append(s.metrics_path, rec)
+        metrics.append(s.paths.metrics, rec)
         self.log(f"[trainer] eval after {step} rollouts: "
                  + ", ".join(f"{k} {v:.3f}" for k, v in rec.items() if k.endswith("reward_mean")))
         return rec

@@ -104,7 +104,7 @@ class RolloutWorker:
         return time.perf_counter() - t0
 
     def encode(self, prompt: Any) -> list[int]:
-        if self.s.apply_chat_template:
+        if self.s.rollout.apply_chat_template:
             msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
             return list(self.tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True))
         return list(self.tok(prompt, add_special_tokens=False).input_ids)

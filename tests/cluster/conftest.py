@@ -52,7 +52,9 @@ def slurm_cluster(tmp_path_factory):
 
 
 @pytest.fixture
-def slurm_wf(slurm_cluster, tmp_path):
-    from glmsnake import config
+def slurm_debug(slurm_cluster):
+    """The launcher's view of the test cluster: Slurm, partition `debug`, no container."""
+    from glmsnake.launch import Cluster as LaunchCluster
+    from glmsnake.launch import SlurmSettings
 
-    return config.load({"base_dir": str(tmp_path / "base"), "launcher": "slurm", "slurm": {"partition": "debug"}})
+    return LaunchCluster(launcher="slurm", slurm=SlurmSettings(partition="debug"))

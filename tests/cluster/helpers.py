@@ -10,14 +10,20 @@ import os
 import sys
 from pathlib import Path
 
-from glmsnake.launch import executors
+from glmsnake.launch import task
+from glmsnake.launch.spec import Allocation
 from glmsnake.recipe import Driver
 
 REPO = Path(__file__).resolve().parents[2]
 
+# The tiny preset's allocations: a 2-node conversion and an 8-node training job (1 CPU per task:
+# the test nodes share the host's few cores).
+CONVERT_ALLOCATION = Allocation(nodes=2, gpus_per_node=8, cpus_per_task=1, time_min=20)
+TRAIN_ALLOCATION = Allocation(nodes=8, gpus_per_node=8, cpus_per_task=1, time_min=30)
+
 
 def task_env() -> dict[str, str]:
-    return executors.task_env()
+    return task.task_env()
 
 
 def fail_on_rank_1() -> int:

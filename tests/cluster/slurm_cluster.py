@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -25,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from glmsnake.launch.ray_cluster import marked_processes, session_members
+from glmsnake.launch.ray_processes import marked_processes, session_members
 
 DEFAULT_DIR = Path(os.environ.get("GLMSNAKE_SLURM_DIR", "/tmp/glmsnake-slurm"))
 CTLD_PORT = int(os.environ.get("GLMSNAKE_SLURMCTLD_PORT", "7817"))

@@ -1,4 +1,4 @@
-"""The slime backend's contract, on the loopback Slurm cluster (issue 6), with a stand-in train.py.
+"""The slime backend's contract, on the loopback Slurm cluster, with a stand-in train.py.
 
 The 64xH100 preset's recipe (8 nodes x 8 GPUs, its argument groups) goes through the real
 launcher (`run_ray_job`: submitit -> Ray across 8 Slurm nodes -> Jobs SDK) to
@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from glmsnake import config, recipe
-from glmsnake.launch import jobs
-from glmsnake.launch.ray_cluster import run_ray_job
+from glmsnake import config, recipe, resolve
+from glmsnake.launch import Allocation, Cluster, ContainerSettings, JobSpec, SlurmSettings, jobs, run_ray_job
 
 pytestmark = pytest.mark.slurm
 STUB = Path(__file__).resolve().parent / "slime_stub" / "train.py"
@@ -36,9 +35,19 @@ def _wf(tmp_path: Path, **run_overrides) -> config.Workflow:
     }
     for k, v in run_overrides.items():
         run[k] = {**run.get(k, {}), **v}
-    return config.load({"base_dir": str(tmp_path / "base"), "launcher": "slurm", "preset": "glm4.7-355b-64xh100",
-                        "slurm": {"partition": "debug"}, "runs": {"default": run},
-                        "overrides": {"container": {"runtime": "none"}}})  # no pyxis on the test nodes
+    return resolve.load({"base_dir": str(tmp_path / "base"), "launcher": "slurm", "preset": "glm4.7-355b-64xh100",
+                         "slurm": {"partition": "debug"}, "runs": {"default": run},
+                         "overrides": {"container": {"runtime": "none"}}})  # no pyxis on the test nodes
+
+
+def _launch(wf: config.Workflow, allocation: config.Allocation, name: str, log_dir: Path) -> tuple[Cluster, JobSpec]:
+    """What the train step gives the launcher for this workflow: Slurm's debug partition, no container."""
+    a = Allocation(nodes=allocation.nodes, gpus_per_node=allocation.gpus_per_node,
+                   cpus_per_task=allocation.cpus_per_task, mem_gb=allocation.mem_gb, time_min=allocation.time_min,
+                   exclusive=allocation.exclusive)
+    cluster = Cluster(launcher="slurm", slurm=SlurmSettings(partition="debug"),
+                      container=ContainerSettings(runtime="none", mounts=(str(wf.base),)))
+    return cluster, JobSpec(name, a, log_dir)
 
 
 def test_slime_driver_contract_on_8_nodes(slurm_cluster, tmp_path, monkeypatch):
@@ -50,12 +59,13 @@ def test_slime_driver_contract_on_8_nodes(slurm_cluster, tmp_path, monkeypatch):
     assert run.train.backend == "slime" and run.train.allocation.nodes == 8 and run.train.allocation.gpus_per_node == 8
     log = tmp_path / "train.log"
     factory = functools.partial(recipe.driver, wf, "default", interface="lo")
-    r = run_ray_job(wf, run.train.allocation, factory, "train_default", tmp_path / "logs", log, object_store_mb=128)
+    r = run_ray_job(*_launch(wf, run.train.allocation, "train_default", tmp_path / "logs"), factory, log,
+                    object_store_mb=128)
     text = log.read_text()
     assert r.exit_code == 0, text[-3000:]
     assert r.nodes == [f"node{k}" for k in range(1, 9)] and r.gpus == 64
 
-    rec = json.loads((wf.run_dir("default") / "slime_stub_record.json").read_text())
+    rec = json.loads((wf.paths.run("default").root / "slime_stub_record.json").read_text())
     head = rec["env"]["MASTER_ADDR"]
     want = recipe.driver(wf, "default", head, interface="lo")
     # The whole command line: what the Jobs SDK ran, and what train.py received.
@@ -70,11 +80,11 @@ def test_slime_driver_contract_on_8_nodes(slurm_cluster, tmp_path, monkeypatch):
     for flag, value in [("--num-layers", "92"), ("--hidden-size", "5120"), ("--num-experts", "160"),
                         ("--tensor-model-parallel-size", "8"), ("--pipeline-model-parallel-size", "4"),
                         ("--expert-model-parallel-size", "16"), ("--rollout-batch-size", "128"),
-                        ("--ref-load", str(wf.torch_dist_dir)), ("--hf-checkpoint", str(wf.hf_dir)),
-                        ("--load", str(wf.run_dir("default") / "checkpoints")),
-                        ("--save", str(wf.run_dir("default") / "checkpoints")), ("--save-interval", "2")]:
+                        ("--ref-load", str(wf.paths.torch_dist_dir)), ("--hf-checkpoint", str(wf.paths.hf_dir)),
+                        ("--load", str(wf.paths.run("default").root / "checkpoints")),
+                        ("--save", str(wf.paths.run("default").root / "checkpoints")), ("--save-interval", "2")]:
         assert argv[argv.index(flag) + 1] == value, flag
-    # Runtime env (design section 3).
+    # The driver's runtime env.
     env = rec["env"]
     assert head == "127.0.0.11" and rec["ray"]["node_ips"][0] == head
     assert {env[k] for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")} == {None}
@@ -88,7 +98,7 @@ def test_slime_driver_contract_on_8_nodes(slurm_cluster, tmp_path, monkeypatch):
     assert rec["ray"]["nodes"] == 8 and rec["ray"]["gpus"] == 64
     assert rec["ray"]["node_ips"] == [f"127.0.0.{10 + k}" for k in range(1, 9)]
     # Megatron's checkpoint layout (iteration = rollout id; every save_interval and the last).
-    ck = wf.run_dir("default") / "checkpoints"
+    ck = wf.paths.run("default").root / "checkpoints"
     assert sorted(p.name for p in ck.iterdir()) == [
         "iter_0000001", "iter_0000003", "iter_0000005", "latest_checkpointed_iteration.txt"]
     assert (ck / "latest_checkpointed_iteration.txt").read_text() == "5"

@@ -1,7 +1,8 @@
-"""Multi-node launch against the real loopback Slurm (issue 5). Run alone: pytest -m slurm."""
+"""Multi-node launch against the real loopback Slurm. Run alone: pytest -m slurm."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import json
@@ -15,8 +16,11 @@ from pathlib import Path
 import pytest
 
 from glmsnake.errors import GlmsnakeError
-from glmsnake.launch import executors
-from glmsnake.launch.ray_cluster import run_ray_job, sweep_stale_temp_dirs, temp_dir
+from glmsnake.launch import Cluster, JobSpec, SlurmRejected, SlurmSettings, TaskFailed, run_job, run_ray_job, run_tasks
+from glmsnake.launch import slurm
+from glmsnake.launch.ray_processes import marked_processes, session_members
+from glmsnake.launch.ray_temp import sweep_stale_temp_dirs, temp_dir
+from tests.cluster.helpers import CONVERT_ALLOCATION, TRAIN_ALLOCATION
 from tests.cluster.helpers import fail_on_rank_1 as _fail_on_rank_1
 from tests.cluster.helpers import task_env as _env
 from tests.cluster.helpers import test_driver as _test_driver
@@ -60,16 +64,15 @@ def _describe(pid: int) -> str:
     return f"{pid} [{state}] {cmd!r}, environ {len(env)} bytes: {env[:120]!r}"
 
 
-def _alloc(wf, nodes: int, gpus: int = 8, **kw):
-    return wf.runs["default"].train.allocation.model_copy(update={"nodes": nodes, "gpus_per_node": gpus, **kw})
+def _alloc(nodes: int, gpus: int = 8, **kw):
+    return dataclasses.replace(TRAIN_ALLOCATION, nodes=nodes, gpus_per_node=gpus, **kw)
 
 
 # --------------------------------------------------------------------------- submitit layer
 
 
-def test_run_tasks_two_nodes_rank_layout(slurm_wf, tmp_path):
-    a = slurm_wf.preset.convert.torch_dist.allocation
-    rec = executors.run_job(slurm_wf, a, 2, _env, "layout", tmp_path / "logs")
+def test_run_tasks_two_nodes_rank_layout(slurm_debug, tmp_path):
+    rec = run_job(slurm_debug, JobSpec("layout", CONVERT_ALLOCATION, tmp_path / "logs", tasks_per_node=2), _env)
     envs = rec.results
     assert [int(e["RANK"]) for e in envs] == [0, 1, 2, 3]
     assert {e["WORLD_SIZE"] for e in envs} == {"4"}
@@ -83,54 +86,48 @@ def test_run_tasks_two_nodes_rank_layout(slurm_wf, tmp_path):
     assert 20000 <= int(envs[0]["MASTER_PORT"]) < 32768
 
 
-def test_run_tasks_failure_names_rank_and_node(slurm_wf, tmp_path):
-    a = slurm_wf.preset.convert.torch_dist.allocation
-    with pytest.raises(executors.TaskFailed) as e:
-        executors.run_tasks(slurm_wf, a, 1, _fail_on_rank_1, "fail", tmp_path / "logs")
+def test_run_tasks_failure_names_rank_and_node(slurm_debug, tmp_path):
+    with pytest.raises(TaskFailed) as e:
+        run_tasks(slurm_debug, JobSpec("fail", CONVERT_ALLOCATION, tmp_path / "logs"), _fail_on_rank_1)
     assert re.search(r"rank 1 on node node\d", str(e.value)) and "deliberate failure" in str(e.value)
 
 
 def test_bad_partition_is_a_clear_error_before_allocation(slurm_cluster, tmp_path):
-    from glmsnake import config
-
-    wf = config.load({"base_dir": str(tmp_path), "launcher": "slurm", "slurm": {"partition": "nosuch"}})
+    cluster = Cluster(launcher="slurm", slurm=SlurmSettings(partition="nosuch"))
     before = slurm_cluster.jobs()
     with pytest.raises(GlmsnakeError, match="partition 'nosuch' does not exist"):
-        executors.run_tasks(wf, wf.preset.convert.torch_dist.allocation, 1, _env, "x", tmp_path)
+        run_tasks(cluster, JobSpec("x", CONVERT_ALLOCATION, tmp_path), _env)
     assert slurm_cluster.jobs() == before
 
 
-def test_too_many_nodes_is_a_clear_error(slurm_wf, tmp_path):
+def test_too_many_nodes_is_a_clear_error(slurm_debug, tmp_path):
     with pytest.raises(GlmsnakeError, match="asks for 9 nodes but partition 'debug' has only 8"):
-        executors.run_tasks(slurm_wf, _alloc(slurm_wf, 9), 1, _env, "x", tmp_path)
+        run_tasks(slurm_debug, JobSpec("x", _alloc(9), tmp_path), _env)
 
 
 def test_too_many_nodes_default_partition(slurm_cluster, tmp_path):
-    from glmsnake import config
-
-    wf = config.load({"base_dir": str(tmp_path), "launcher": "slurm"})  # no partition: Slurm's default
+    cluster = Cluster(launcher="slurm")  # no partition: Slurm's default
     with pytest.raises(GlmsnakeError, match="asks for 9 nodes but partition 'debug' has only 8"):
-        executors.run_tasks(wf, _alloc(wf, 9), 1, _env, "x", tmp_path)
+        run_tasks(cluster, JobSpec("x", _alloc(9), tmp_path), _env)
 
 
-def test_slurm_refusal_is_verbatim(slurm_wf, tmp_path):
+def test_slurm_refusal_is_verbatim(slurm_cluster, tmp_path):
     """Something only Slurm knows is wrong (an unknown constraint): its own words come back."""
-    from glmsnake import config
-
-    wf = config.load({"base_dir": str(tmp_path), "launcher": "slurm", "slurm": {"constraint": "nosuchfeature"}})
-    with pytest.raises(executors.SlurmRejected, match="sbatch: error: .*(constraint|feature|Invalid)"):
-        executors.run_tasks(wf, wf.preset.convert.torch_dist.allocation, 1, _env, "x", tmp_path)
+    cluster = Cluster(launcher="slurm", slurm=SlurmSettings(constraint="nosuchfeature"))
+    with pytest.raises(SlurmRejected, match="sbatch: error: .*(constraint|feature|Invalid)"):
+        run_tasks(cluster, JobSpec("x", CONVERT_ALLOCATION, tmp_path), _env)
 
 
-def test_time_shorter_than_step_minimum(slurm_wf):
+def test_time_shorter_than_step_minimum(slurm_debug):
+    """The configuration refuses it (the launcher's Allocation has no minimum of its own)."""
     from glmsnake.config import Allocation
 
     with pytest.raises(ValueError, match="shorter than this step's minimum"):
         Allocation(nodes=2, time_min=1, min_time_min=2)
     with pytest.raises(GlmsnakeError, match="shorter than this step's minimum"):
-        from glmsnake import config
+        from glmsnake import resolve
 
-        config.load({"launcher": "slurm", "runs": {"default": {"train": {"allocation": {"time_min": 1}}}}})
+        resolve.load({"launcher": "slurm", "runs": {"default": {"train": {"allocation": {"time_min": 1}}}}})
 
 
 # --------------------------------------------------------------------------- Ray across 8 nodes
@@ -138,11 +135,11 @@ def test_time_shorter_than_step_minimum(slurm_wf):
 
 # 8 nodes x 64 actors costs ~3 minutes on 2 cores; the non-zero exit code is checked on 2 nodes.
 @pytest.mark.parametrize("nodes,code", [(8, 0), (2, 3)])
-def test_ray_8_nodes_64_gpus_exit_code(slurm_cluster, slurm_wf, tmp_path, nodes, code):
+def test_ray_8_nodes_64_gpus_exit_code(slurm_cluster, slurm_debug, tmp_path, nodes, code):
     log = tmp_path / "train.log"
-    r = run_ray_job(slurm_wf, _alloc(slurm_wf, nodes),
+    r = run_ray_job(slurm_debug, JobSpec("train", _alloc(nodes), tmp_path / "logs"),
                     functools.partial(_test_driver, nodes=nodes, gpus=8 * nodes, code=code, sleep=3),
-                    "train", tmp_path / "logs", log, object_store_mb=128)
+                    log, object_store_mb=128)
     print(json.dumps(r.timings, indent=1))
     assert r.exit_code == code, log.read_text()[-3000:]
     assert r.gpus == 8 * nodes and len(r.ray_nodes) == nodes and r.nodes == [f"node{k}" for k in range(1, nodes + 1)]
@@ -160,16 +157,16 @@ def test_ray_8_nodes_64_gpus_exit_code(slurm_cluster, slurm_wf, tmp_path, nodes,
     assert slurm_cluster.node_states() and set(slurm_cluster.node_states().values()) == {"idle"}
 
 
-def test_two_ray_jobs_at_once_do_not_collide(slurm_cluster, slurm_wf, tmp_path):
+def test_two_ray_jobs_at_once_do_not_collide(slurm_cluster, slurm_debug, tmp_path):
     """Two 2-node jobs with 4 GPUs per node on the same two nodes (ports are per job)."""
     results: dict[int, object] = {}
 
     def go(i: int) -> None:
         try:
             results[i] = run_ray_job(
-                slurm_wf, _alloc(slurm_wf, 2, gpus=4),
+                slurm_debug, JobSpec(f"pair{i}", _alloc(2, gpus=4), tmp_path / f"logs{i}"),
                 functools.partial(_test_driver, nodes=2, gpus=8, code=10 + i),
-                f"pair{i}", tmp_path / f"logs{i}", tmp_path / f"train{i}.log", object_store_mb=128)
+                tmp_path / f"train{i}.log", object_store_mb=128)
         except BaseException as e:  # noqa: BLE001
             results[i] = e
 
@@ -186,15 +183,15 @@ def test_two_ray_jobs_at_once_do_not_collide(slurm_cluster, slurm_wf, tmp_path):
     _no_ray_left(slurm_cluster, results[0].slurm_job_id, results[1].slurm_job_id)
 
 
-def test_failed_join_is_retried(slurm_cluster, slurm_wf, tmp_path, monkeypatch):
+def test_failed_join_is_retried(slurm_cluster, slurm_debug, tmp_path, monkeypatch):
     """A worker's first `ray start --address` fails (test-only shim on PATH): it joins on the retry."""
     shims = tmp_path / "shim"
     shims.mkdir()
     monkeypatch.setenv("PATH", f"{REPO / 'tests/cluster/fault_shims'}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("GLMSNAKE_SHIM_DIR", str(shims))
     log = tmp_path / "train.log"
-    r = run_ray_job(slurm_wf, _alloc(slurm_wf, 2), functools.partial(_test_driver, nodes=2, gpus=16),
-                    "retry", tmp_path / "logs", log, object_store_mb=128)
+    r = run_ray_job(slurm_debug, JobSpec("retry", _alloc(2), tmp_path / "logs"),
+                    functools.partial(_test_driver, nodes=2, gpus=16), log, object_store_mb=128)
     assert r.exit_code == 0, log.read_text()[-3000:]
     assert sorted(p.name for p in shims.iterdir()) == ["join-failed.node2"]  # the head never joins
     assert _report(log)["nodes"] == 2 and r.gpus == 16
@@ -209,15 +206,15 @@ def test_failed_join_is_retried(slurm_cluster, slurm_wf, tmp_path, monkeypatch):
     _no_ray_left(slurm_cluster, r.slurm_job_id)
 
 
-def test_killed_worker_raylet_fails_fast_naming_the_node(slurm_cluster, slurm_wf, tmp_path):
+def test_killed_worker_raylet_fails_fast_naming_the_node(slurm_cluster, slurm_debug, tmp_path):
     logs = tmp_path / "logs"
     box: dict[str, object] = {}
 
     def go() -> None:
         try:
-            box["r"] = run_ray_job(slurm_wf, _alloc(slurm_wf, 3),
+            box["r"] = run_ray_job(slurm_debug, JobSpec("kill", _alloc(3), logs),
                                    functools.partial(_test_driver, nodes=3, gpus=24, sleep=300),
-                                   "kill", logs, tmp_path / "train.log", object_store_mb=128)
+                                   tmp_path / "train.log", object_store_mb=128)
         except BaseException as e:  # noqa: BLE001
             box["e"] = e
 
@@ -233,14 +230,12 @@ def test_killed_worker_raylet_fails_fast_naming_the_node(slurm_cluster, slurm_wf
             break
         time.sleep(0.5)
     assert info, "driver never got going"
-    from glmsnake.launch.ray_cluster import _session_members, marked_processes
-
-    raylets = [p for p in _session_members(info["pid"]) if Path(f"/proc/{p}/comm").read_text().strip() == "raylet"]
+    raylets = [p for p in session_members({info["pid"]}) if Path(f"/proc/{p}/comm").read_text().strip() == "raylet"]
     assert raylets
     # Every process of the node's Ray session carries the job's mark: the leftover checks see them.
     # (A process that ends between the two scans is no counterexample: look twice.)
-    unmarked = set(_session_members(info["pid"])) - set(marked_processes())
-    unmarked &= set(_session_members(info["pid"])) - set(marked_processes())
+    unmarked = set(session_members({info["pid"]})) - set(marked_processes())
+    unmarked &= set(session_members({info["pid"]})) - set(marked_processes())
     assert not unmarked, f"Ray processes without the job mark: {[_describe(p) for p in sorted(unmarked)]}"
     killed_at = time.time()
     os.kill(raylets[0], signal.SIGKILL)
@@ -250,8 +245,8 @@ def test_killed_worker_raylet_fails_fast_naming_the_node(slurm_cluster, slurm_wf
     assert elapsed < 60, elapsed
     assert info["node"] in str(box["e"]), str(box["e"])[:2000]
     job_id = str(getattr(box["e"], "job_id", "") or "")
-    state, _ = executors.squeue_state(job_id)
-    assert state is None or state in executors.TERMINAL
+    state, _ = slurm.squeue_state(job_id)
+    assert state is None or state in slurm.TERMINAL
     _no_ray_left(slurm_cluster, job_id)
     assert info["node"] in _kept_ray_logs(logs, job_id)
 
@@ -263,8 +258,8 @@ def test_stale_ray_temp_folders_are_swept(slurm_cluster, tmp_path):
     running = subprocess.run(["sbatch", "--parsable", "-p", "debug", "-o", "/dev/null", "--wrap", "sleep 120"],
                              capture_output=True, text=True, check=True).stdout.strip()
     try:
-        assert executors.unfinished_jobs([running, "99"]) == {running}
-        assert executors.unfinished_jobs(["99"]) == set()  # one unknown id: squeue fails, still an answer
+        assert slurm.unfinished_jobs([running, "99"]) == {running}
+        assert slurm.unfinished_jobs(["99"]) == set()  # one unknown id: squeue fails, still an answer
         for name in (f"rj{running}n0", "rj99n0", "rj99n5", "rjabc", "keep"):
             (tmp_path / name / "session_latest" / "logs").mkdir(parents=True)
         removed = sweep_stale_temp_dirs(tmp_path)

@@ -1,4 +1,4 @@
-"""`snakemake --profile slurm ...` on the loopback Slurm cluster (issues 5 and 6).
+"""`snakemake --profile slurm ...` on the loopback Slurm cluster.
 
 One base folder for the module: `torch_dist` first (download_hf through the slurm executor
 plugin, the 2-node conversion through submitit), then `train` (the whole DAG, the 8-node
@@ -218,9 +218,10 @@ def test_time_limit_ends_training_and_the_rerun_resumes(slurm_cluster, wf_env, b
     run_dir = base / "base" / "runs" / "tl"
     ck, metrics = run_dir / "checkpoints", run_dir / "metrics.jsonl"
     alloc = "allocation: {nodes: 2, time_min: 1, min_time_min: 1}"
+    # max_requeues 0: the time limit ends it, no requeue.
     long_run = f"{{default: {{rollout: {{num_rollout: 4}}, train: {{save_interval: 2}}}}, " \
-               f"tl: {{rollout: {{num_rollout: 5000}}, train: {{save_interval: 8, {alloc}}}}}}}"
-    env = {**wf_env, "GLMSNAKE_TRAIN_MAX_REQUEUES": "0"}  # the time limit ends it: no requeue
+               f"tl: {{rollout: {{num_rollout: 5000}}, train: {{save_interval: 8, max_requeues: 0, {alloc}}}}}}}"
+    env = wf_env
     t0 = time.time()
     first = snakemake(base, *_args(base, "train", long_run), env=env, check=False)
     print(f"time-limited attempt: {time.time() - t0:.1f} s")
@@ -235,7 +236,7 @@ def test_time_limit_ends_training_and_the_rerun_resumes(slurm_cluster, wf_env, b
     last = cut_iters[-1]
     total = last + 1 + 16
     rerun = f"{{default: {{rollout: {{num_rollout: 4}}, train: {{save_interval: 2}}}}, " \
-            f"tl: {{rollout: {{num_rollout: {total}}}, train: {{save_interval: 8, allocation: {{nodes: 2}}}}}}}}"
+            f"tl: {{rollout: {{num_rollout: {total}}}, train: {{save_interval: 8, max_requeues: 0, allocation: {{nodes: 2}}}}}}}}"
     out = snakemake(base, *_args(base, "train", rerun), env=env).stdout
     assert "localrule train_run" in out
     s = json.loads((run_dir / "glmsnake.done.json").read_text())

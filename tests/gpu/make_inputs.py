@@ -16,11 +16,11 @@ WRITERS = (1, 2, 4)
 
 
 def make_inputs(out: Path, writers=WRITERS, seed: int = 0) -> dict[str, Path]:
-    from glmsnake import config
+    from glmsnake import resolve
     from glmsnake.convert import torch_dist
     from glmsnake.convert.tiny import make_tiny
 
-    model = config.load({}).preset.model
+    model = resolve.load({}).preset.model
     hf = out / "hf"
     if not (hf / "config.json").is_file():
         make_tiny(hf, model, seed=seed)

@@ -2,8 +2,8 @@
 
 Some Ray 2.60 servers (the dashboard's and autoscaler's Prometheus endpoints, the metrics
 agent's exporter) bind 0.0.0.0 whenever the node address is not 127.0.0.1. Nothing we
-start may listen on every interface (design section 5), so a bind to the wildcard address
-is redirected to this node's address (GLMSNAKE_BIND_ADDR, set by glmsnake.launch.ray_cluster).
+start may listen on every interface (only on the node's own address), so a bind to the wildcard
+address is redirected to this node's address (GLMSNAKE_BIND_ADDR, set by glmsnake.launch.environment).
 """
 
 import os

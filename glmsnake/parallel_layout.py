@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from glmsnake.errors import GlmsnakeError
-from glmsnake.recipe.flags import parse_layer_freq
+from glmsnake.recipe.args import parse_layer_freq
+from glmsnake.recipe.command import sglang_args
 
 if TYPE_CHECKING:
     from glmsnake.config import Preset, Run, Workflow
@@ -68,7 +69,7 @@ def check_run(preset: "Preset", run: "Run") -> list[tuple[str, str]]:
             )
         )
 
-    sg = _effective_sglang(run)
+    sg = sglang_args(run)
     per_engine = sg.rollout_num_gpus_per_engine
     if per_engine < 1 or gpus % per_engine:
         out.append(
@@ -122,12 +123,6 @@ def check_run(preset: "Preset", run: "Run") -> list[tuple[str, str]]:
             )
         )
     return out
-
-
-def _effective_sglang(run: "Run"):
-    from glmsnake.recipe.groups import sglang_args
-
-    return sglang_args(run)
 
 
 def check_workflow(wf: "Workflow") -> None:

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from glmsnake.recipe.flags import SglangArgs
+from glmsnake.recipe.args import SglangArgs
 
 if TYPE_CHECKING:
     from glmsnake.config import Run, Workflow
 
+TRAIN_PY = ("python3", "train.py")
 GROUP_ORDER = ("MODEL", "CKPT", "ROLLOUT", "EVAL", "PERF", "GRPO", "OPTIMIZER", "SGLANG", "MTP", "MISC")
 
 
@@ -23,18 +24,14 @@ def sglang_args(run: "Run") -> SglangArgs:
     merged = run.sglang.model_dump(exclude_unset=True)
     if run.features.mtp_speculative_decoding and run.sglang_speculative is not None:
         merged.update(run.sglang_speculative.model_dump(exclude_unset=True))
-    if run.features.fp8_rollout:
-        merged.update(run.sglang_fp8)
+    if run.features.fp8_rollout and run.sglang_fp8 is not None:
+        merged.update(run.sglang_fp8.model_dump(exclude_unset=True))
     return SglangArgs.model_validate(merged)
 
 
 def rollout_checkpoint(wf: "Workflow", run: "Run") -> Path:
     """The HF folder SGLang serves: the FP8 conversion when FP8 rollout is on."""
-    return wf.fp8_dir if run.features.fp8_rollout else wf.hf_dir
-
-
-def checkpoint_dir(wf: "Workflow", run: "Run") -> Path:
-    return wf.run_dir(run.name) / "checkpoints"
+    return wf.paths.fp8_dir if run.serves_fp8 else wf.paths.hf_dir
 
 
 def model_args(wf: "Workflow", run: "Run | None" = None) -> list[str]:
@@ -46,28 +43,45 @@ def model_args(wf: "Workflow", run: "Run | None" = None) -> list[str]:
 
 
 def _drop(args: list[str], flag: str) -> list[str]:
+    """`args` without `flag` and its values."""
     if flag not in args:
         return args
     i = args.index(flag)
-    return args[:i] + args[i + 2 :]
+    return args[:i] + args[_values_end(args, i) :]
+
+
+def _after(args: list[str], flag: str, extra: list[str]) -> list[str]:
+    """`extra` inserted after `flag` and its values (at the front when `flag` is not there)."""
+    if flag not in args:
+        return extra + args
+    end = _values_end(args, args.index(flag))
+    return args[:end] + extra + args[end:]
+
+
+def _values_end(args: list[str], i: int) -> int:
+    """The index just past the flag at `i` and the values that follow it."""
+    j = i + 1
+    while j < len(args) and not args[j].startswith("--"):
+        j += 1
+    return j
 
 
 def groups(wf: "Workflow", run_name: str) -> dict[str, list[str]]:
     """Every argument group of slime's train.py for one run, in slime's order."""
     run = wf.runs[run_name]
-    prompt = wf.dataset_path(wf.preset.prompt_dataset)
-    ckpt = checkpoint_dir(wf, run)
-    rollout = ["--prompt-data", str(prompt), *run.rollout.render()]
+    paths = wf.paths
+    ckpt = paths.run(run_name).checkpoints
+    rollout = ["--prompt-data", str(paths.dataset(wf.preset.prompt_dataset)), *run.rollout.render()]
     eval_ = run.eval.render()
     if wf.preset.eval_datasets:
-        eval_ = eval_[:2] + ["--eval-prompt-data"] + [
-            x for name in wf.preset.eval_datasets for x in (name, str(wf.dataset_path(name)))
-        ] + eval_[2:]
+        # slime's scripts name the eval sets right after the interval: `--eval-prompt-data NAME PATH ...`.
+        named = [x for name in wf.preset.eval_datasets for x in (name, str(paths.dataset(name)))]
+        eval_ = _after(eval_, "--eval-interval", ["--eval-prompt-data", *named])
     return {
         "MODEL": model_args(wf, run),
         "CKPT": [
             "--hf-checkpoint", str(rollout_checkpoint(wf, run)),
-            "--ref-load", str(wf.torch_dist_dir),
+            "--ref-load", str(paths.torch_dist_dir),
             "--load", str(ckpt),
             "--save", str(ckpt),
             "--save-interval", str(run.train.save_interval),
@@ -92,17 +106,17 @@ class Driver:
     env: dict[str, str]
 
 
-def driver(wf: "Workflow", run_name: str, head_address: str, interface: str | None = None) -> Driver:
-    """slime's `train.py` command and its runtime env (design section 3)."""
-    run = wf.runs[run_name]
+def placement_args(run: "Run") -> list[str]:
+    """train.py's own arguments before the groups: where the actors go."""
     alloc = run.train.allocation
-    argv = [
-        "python3", "train.py",
-        "--actor-num-nodes", str(alloc.nodes),
-        "--actor-num-gpus-per-node", str(alloc.gpus_per_node),
-    ]
-    if run.train.colocate:
-        argv.append("--colocate")
+    args = ["--actor-num-nodes", str(alloc.nodes), "--actor-num-gpus-per-node", str(alloc.gpus_per_node)]
+    return args + (["--colocate"] if run.train.colocate else [])
+
+
+def driver(wf: "Workflow", run_name: str, head_address: str, interface: str | None = None) -> Driver:
+    """slime's `train.py` command and its runtime env, as slime's run scripts set them."""
+    run = wf.runs[run_name]
+    argv = [*TRAIN_PY, *placement_args(run)]
     for args in groups(wf, run_name).values():
         argv += args
     return Driver(argv=argv, cwd=run.train.slime_dir, env=runtime_env(run, head_address, interface))
@@ -135,9 +149,9 @@ def render_text(wf: "Workflow", run_name: str) -> str:
         lines.append(")")
         lines.append("")
     run = wf.runs[run_name]
-    d = driver(wf, run_name, head_address="${MASTER_ADDR}")
-    lines.append("# runtime env: " + " ".join(f"{k}={v}" for k, v in d.env.items()))
-    lines.append(f"cd {d.cwd} && " + " ".join(d.argv[:6]) + (" --colocate" if run.train.colocate else "")
+    env = runtime_env(run, head_address="${MASTER_ADDR}")
+    lines.append("# runtime env: " + " ".join(f"{k}={v}" for k, v in env.items()))
+    lines.append(f"cd {run.train.slime_dir} && " + " ".join([*TRAIN_PY, *placement_args(run)])
                  + " " + " ".join(f"${{{g}_ARGS[@]}}" for g in GROUP_ORDER))
     return "\n".join(lines)
 

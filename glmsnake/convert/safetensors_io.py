@@ -1,11 +1,15 @@
-"""Streaming safetensors I/O: read a tensor's rows, write a file tensor by tensor.
+"""Safetensors files: names, the dtype table, the one header reader, and streaming I/O.
 
 The format is an 8-byte little-endian header length N, N bytes of JSON
 ({name: {dtype, shape, data_offsets}} plus "__metadata__"), then the tensor
-bytes. We read with pread (no mmap, so page-cache pages never count as our
-RSS) and write with pwrite at offsets planned up front, so a shard is never
-held in memory. The planned layout reproduces `safetensors.torch.save_file`
-byte for byte (a test checks this), so our shards equal a plain save_file.
+bytes. Everything in glmsnake that opens a safetensors file goes through here:
+the hub's check of a downloaded or local file (`check_complete`), the FP8
+converter and the torch_dist converter's HF reader (`read_header`), so a
+truncated or garbled file is refused by one set of checks, never a crash later.
+We read with pread (no mmap, so page-cache pages never count as our RSS) and
+write with pwrite at offsets planned up front, so a shard is never held in
+memory. The planned layout reproduces `safetensors.torch.save_file` byte for
+byte (a test checks this), so our shards equal a plain save_file.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from pathlib import Path
 import torch
 
 from glmsnake.errors import GlmsnakeError
+
+INDEX_NAME = "model.safetensors.index.json"  # a sharded checkpoint's {"weight_map": {tensor: shard}}
+SINGLE_NAME = "model.safetensors"  # an unsharded checkpoint's one file
 
 # save_file orders tensors by dtype (this order, as safetensors 0.8 ranks them), then by name.
 _DTYPE_ORDER = [
@@ -66,28 +73,72 @@ class Header:
     file_size: int
 
 
-def _corrupt(path: Path, why: str) -> GlmsnakeError:
-    return GlmsnakeError(
-        f"{path} is not a complete safetensors file: {why}",
-        "re-download or re-create this shard (an interrupted copy leaves a truncated file)",
-    )
+# --------------------------------------------------------------------------- reading a header
+
+
+@dataclass(frozen=True)
+class _Wording:
+    """How a failed check is reported: a message template per check ({path} and its facts), one fix."""
+
+    says: dict[str, str]
+    fix: str
+
+    def error(self, check: str, **facts) -> GlmsnakeError:
+        return GlmsnakeError(self.says[check].format(**facts), self.fix)
+
+
+# The same checks, worded for two readers: a converter opening a shard, and a download being
+# verified. Both wordings are kept as they were (users and tests know them).
+_INCOMPLETE = "{path} is not a complete safetensors file: "
+_FOR_READERS = _Wording(
+    {
+        "short": _INCOMPLETE + "only {size} bytes",
+        "length": _INCOMPLETE + "header length {n} does not fit in {size} bytes",
+        "json": _INCOMPLETE + "header is not JSON ({error})",
+        "entry": _INCOMPLETE + "bad header entry for {name!r}",
+        "offsets": _INCOMPLETE + "{name} offsets {begin}..{end} disagree with shape {shape}",
+        "size": _INCOMPLETE + "header promises {described} bytes, the file has {size}",
+    },
+    "re-download or re-create this shard (an interrupted copy leaves a truncated file)",
+)
+_FOR_DOWNLOADS = _Wording(
+    {
+        "short": "{path} is truncated ({size} bytes)",
+        "length": "{path} has a corrupt header (length {n}, file {size} bytes)",
+        "json": "{path} has a corrupt header: {error}",
+        "size": "{path} is {size} bytes but its header describes {described}: the file is truncated or padded",
+    },
+    "download or copy it again",
+)
+
+
+def _frame(path: Path, words: _Wording) -> tuple[int, dict, int]:
+    """(header length, the parsed header JSON, file size): the 8-byte length fits and the header parses."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise words.error("short", path=path, size=size)
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise words.error("length", path=path, n=n, size=size)
+        try:
+            raw = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise words.error("json", path=path, error=e) from None
+    return n, raw, size
+
+
+def _check_size(path: Path, n: int, data_len: int, size: int, words: _Wording) -> None:
+    """The header's tensors end exactly where the file does (a truncated or padded file does not)."""
+    if 8 + n + data_len != size:
+        raise words.error("size", path=path, size=size, described=8 + n + data_len)
 
 
 def read_header(path: Path) -> Header:
     """Parse and validate a safetensors header; a truncated file is an error, never a crash later."""
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise _corrupt(path, f"only {size} bytes")
-        (n,) = struct.unpack("<Q", head)
-        if n > _MAX_HEADER or 8 + n > size:
-            raise _corrupt(path, f"header length {n} does not fit in {size} bytes")
-        try:
-            raw = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise _corrupt(path, f"header is not JSON ({e})") from None
+    n, raw, size = _frame(path, _FOR_READERS)
     metadata = raw.pop("__metadata__", None)
     tensors = {}
     for name, t in raw.items():
@@ -95,16 +146,29 @@ def read_header(path: Path) -> Header:
             begin, end = t["data_offsets"]
             info = TensorInfo(name, t["dtype"], tuple(int(d) for d in t["shape"]), int(begin), int(end))
         except (KeyError, TypeError, ValueError):
-            raise _corrupt(path, f"bad header entry for {name!r}") from None
+            raise _FOR_READERS.error("entry", path=path, name=name) from None
         if info.dtype not in ITEMSIZE:
             raise GlmsnakeError(f"{path}: tensor {name} has dtype {info.dtype}, which glmsnake cannot read")
         if info.nbytes != info.numel * ITEMSIZE[info.dtype] or info.begin < 0:
-            raise _corrupt(path, f"{name} offsets {begin}..{end} disagree with shape {list(info.shape)}")
+            raise _FOR_READERS.error("offsets", path=path, name=name, begin=begin, end=end, shape=list(info.shape))
         tensors[name] = info
-    data_len = max((t.end for t in tensors.values()), default=0)
-    if 8 + n + data_len != size:
-        raise _corrupt(path, f"header promises {8 + n + data_len} bytes, the file has {size}")
+    _check_size(path, n, max((t.end for t in tensors.values()), default=0), size, _FOR_READERS)
     return Header(path, 8 + n, tensors, metadata, size)
+
+
+def check_complete(path: Path) -> None:
+    """Reject a truncated or garbled file by its header, without reading the payload (a download's check).
+
+    Only the framing is checked (length, JSON, total size), not each tensor's dtype and shape:
+    a file holding a dtype glmsnake cannot read is still a complete download.
+    """
+    path = Path(path)
+    n, raw, size = _frame(path, _FOR_DOWNLOADS)
+    end = max((t["data_offsets"][1] for k, t in raw.items() if k != "__metadata__"), default=0)
+    _check_size(path, n, end, size, _FOR_DOWNLOADS)
+
+
+# --------------------------------------------------------------------------- streaming: planned layout, pread, pwrite
 
 
 @dataclass(frozen=True)

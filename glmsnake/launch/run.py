@@ -1,0 +1,70 @@
+"""Run a function in every task of a multi-node allocation and wait for it: submit, wait, clean up.
+
+    results = run_tasks(cluster, JobSpec(name, allocation, log_dir, tasks_per_node), fn)
+
+`fn` (picklable, no arguments) runs in `allocation.nodes * tasks_per_node` tasks with the
+torch.distributed environment set (see `task`); results come back in rank order and a
+failed task raises `TaskFailed` naming the rank and node (see `waiting`).
+
+The caller blocks until every task is done. SIGINT/SIGTERM (Snakemake's interrupt) cancel
+the job; after a failure the job is given a moment to end, then cancelled, so the allocation
+is handed back before the error is reported.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, TypeVar
+
+from glmsnake import knobs
+from glmsnake.launch import signals
+from glmsnake.launch.executors import submit_tasks
+from glmsnake.launch.spec import Cluster, JobSpec
+from glmsnake.launch.waiting import JobRecord, TaskFailed, released, wait_job
+
+T = TypeVar("T")
+
+
+def run_job(
+    cluster: Cluster,
+    job: JobSpec,
+    fn: Callable[[], T],
+    *,
+    on_running: Callable[[str, list[str]], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    max_requeues: int = 0,
+) -> JobRecord[T]:
+    """Like `run_tasks`, returning the job id, node list and timings as well."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    submitted = submit_tasks(cluster, job, fn, max_requeues=max_requeues)
+    log(f"[glmsnake] {job.name}: submitted job {submitted.job_id} ({job.allocation.nodes} node(s) x "
+        f"{job.tasks_per_node} task(s), launcher={cluster.launcher}); logs in {submitted.paths.folder}")
+    done = False
+    # SIGTERM/SIGINT (Ctrl-C, Snakemake's interrupt) raise once, here: the finally cancels the job
+    # and a second signal cannot cut that short.
+    with signals.raise_once():
+        try:
+            rec = wait_job(submitted, cluster.launcher, job.tasks_per_node, on_running=on_running)
+            done = True
+            return rec
+        except TaskFailed:
+            if cluster.launcher == "slurm":
+                # Hand the allocation back before reporting: tasks that are still exiting get a
+                # moment, then the job is cancelled.
+                if not released(submitted.job_id, knobs.RELEASE_GRACE_S.as_float()):
+                    submitted.cancel(check=False)
+                    released(submitted.job_id, 30.0)
+            done = True
+            raise
+        finally:
+            if not done:
+                log(f"[glmsnake] {job.name}: interrupted, cancelling job {submitted.job_id}")
+                submitted.cancel(check=False)
+
+
+def run_tasks(cluster: Cluster, job: JobSpec, fn: Callable[[], T]) -> list[T]:
+    """Run `fn` in every task of the job (nodes x tasks_per_node); results in rank order."""
+    return run_job(cluster, job, fn).results
+
+
+__all__ = ["run_job", "run_tasks"]

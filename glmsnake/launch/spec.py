@@ -1,0 +1,56 @@
+"""What the launcher is told: the cluster it submits to and the job it runs there.
+
+Plain frozen dataclasses (picklable, no validation), so the launcher never depends on the
+app's configuration: callers translate their own settings into these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class SlurmSettings:
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    network_interface: str | None = None  # whose address Ray, gloo and NCCL use (e.g. ib0); None: Slurm's NodeAddr
+
+
+@dataclass(frozen=True)
+class ContainerSettings:
+    runtime: str = "none"  # "none" | "pyxis" | "apptainer"
+    image: str = "slimerl/slime:latest"
+    mounts: tuple[str, ...] = ()  # already includes the shared base folder; launch adds nothing
+
+
+@dataclass(frozen=True)
+class Cluster:
+    launcher: str  # "local" | "slurm"
+    slurm: SlurmSettings = SlurmSettings()
+    container: ContainerSettings = ContainerSettings()
+
+
+@dataclass(frozen=True)
+class Allocation:
+    nodes: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 2
+    mem_gb: int = 0  # 0: all of the node's memory
+    time_min: int = 60
+    exclusive: bool = False
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One multi-node job: what every entry point used to take as six parameters."""
+
+    name: str
+    allocation: Allocation
+    log_dir: Path
+    tasks_per_node: int = 1
+
+
+__all__ = ["Allocation", "Cluster", "ContainerSettings", "JobSpec", "SlurmSettings"]

@@ -1,0 +1,145 @@
+"""The code that runs inside every task of a multi-node job (what submitit pickles).
+
+`Task` sets the torch.distributed environment, then calls the user's function: RANK,
+WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, NODE_RANK, MASTER_ADDR (rank 0's node address) and
+MASTER_PORT (picked per job by rank 0 and passed to the others through a rendezvous file in
+the job folder). A failure is re-raised naming the rank, node and attempt, which the waiting
+side reads back from submitit's result file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, TypeVar
+
+import submitit
+
+from glmsnake import knobs
+from glmsnake.launch import addresses
+from glmsnake.launch.job_folder import JobFolder
+
+T = TypeVar("T")
+
+# What a task's error message says about its attempt (read back by the waiting side).
+ATTEMPT_TAG = re.compile(r"\[attempt (\d+)\]")
+
+
+@dataclass
+class TaskInfo:
+    """Where a task ran; returned with its result."""
+
+    rank: int
+    node_rank: int
+    local_rank: int
+    node: str
+    address: str
+    attempt: int = 0  # Slurm's restart count of the job when this task ran (requeues)
+
+
+@dataclass
+class TaskOutput(Generic[T]):
+    info: TaskInfo
+    result: T
+
+
+def task_env() -> dict[str, str]:
+    """The torch.distributed variables of the current task (inside `fn`)."""
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
+            knobs.NODE.name, knobs.NODE_ADDR.name, knobs.JOB_ID.name, knobs.JOB_DIR.name)
+    return {k: os.environ[k] for k in keys if k in os.environ}
+
+
+def attempt() -> int:
+    """How often Slurm has restarted (requeued) the current job: 0 on the first run."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        return 0
+
+
+class Task:
+    """What submitit pickles: sets the distributed env, then calls the user's function."""
+
+    def __init__(self, fn: Callable[[], Any], launcher: str, tasks_per_node: int, interface: str | None):
+        self.fn = fn
+        self.launcher = launcher
+        self.tasks_per_node = tasks_per_node
+        self.interface = interface
+
+    def __call__(self) -> TaskOutput[Any]:
+        env = submitit.JobEnvironment()
+        rank, world = env.global_rank, env.num_tasks
+        if self.launcher == "local":
+            node_rank, local_rank = divmod(rank, self.tasks_per_node)
+            node, address = f"local{node_rank}", "127.0.0.1"
+        else:
+            node_rank, local_rank = env.node, env.local_rank
+            node = os.environ.get("SLURMD_NODENAME") or env.hostname
+            address = addresses.this_node_address(self.interface)
+        if self.launcher == "slurm" and not hasattr(self, "checkpoint"):
+            # Not checkpointable: Slurm's early USR2 (before the time limit) must not end the
+            # step early (submitit would raise); the step keeps its whole time limit.
+            with contextlib.suppress(ValueError):  # not the main thread
+                signal.signal(signal.SIGUSR2, lambda *_: print("[glmsnake] USR2 ignored (step is not requeueable)",
+                                                                file=sys.stderr, flush=True))
+        k = attempt()
+        # Rendezvous files of a requeued attempt never mix with those of the one before.
+        folder = JobFolder(env.paths.folder).attempt(k)
+        folder.path.mkdir(parents=True, exist_ok=True)
+        info = TaskInfo(rank=rank, node_rank=node_rank, local_rank=local_rank, node=node, address=address, attempt=k)
+        try:
+            if rank == 0:
+                port = addresses.free_port(address)
+                folder.write_rendezvous(address, port, node, env.job_id)
+                master = {"addr": address, "port": port}
+            else:
+                master = folder.wait_rendezvous(knobs.RENDEZVOUS_TIMEOUT_S.as_float(),
+                                                f"rank {rank} waiting for rank 0's address")
+            os.environ.update({
+                "RANK": str(rank),
+                "WORLD_SIZE": str(world),
+                "LOCAL_RANK": str(local_rank),
+                "LOCAL_WORLD_SIZE": str(self.tasks_per_node),
+                "NODE_RANK": str(node_rank),
+                "MASTER_ADDR": str(master["addr"]),
+                "MASTER_PORT": str(master["port"]),
+                knobs.NODE.name: node,
+                knobs.NODE_ADDR.name: address,
+                knobs.JOB_ID.name: str(env.job_id),
+                knobs.JOB_DIR.name: str(folder.path),
+            })
+            return TaskOutput(info=info, result=self.fn())
+        except BaseException as e:  # noqa: BLE001 - re-raised with where it happened
+            raise RuntimeError(
+                f"rank {rank} on node {node} ({address}) failed [attempt {k}]: {type(e).__name__}: {e}\n"
+                + "".join(traceback.format_exception(e))
+            ) from None
+
+
+class CheckpointableTask(Task):
+    """A task submitit requeues on USR2 (Slurm's signal before the time limit, or preemption).
+
+    The step resumes by itself (from its own checkpoints), so the requeued job simply runs the
+    same task again. Before the requeue, `fn.on_checkpoint()` (if any) runs on rank 0, e.g.
+    to stop the Ray cluster cleanly while the tasks are still alive.
+    """
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        hook = getattr(self.fn, "on_checkpoint", None)
+        if hook is not None:
+            try:
+                hook()
+            except Exception as e:  # noqa: BLE001 - requeue anyway; the next attempt starts clean
+                print(f"[glmsnake] on_checkpoint failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        print(f"[glmsnake] requeueing job {os.environ.get('SLURM_JOB_ID')} (attempt {attempt()} ends)",
+              file=sys.stderr, flush=True)
+        return submitit.helpers.DelayedSubmission(self)
+
+
+__all__ = ["ATTEMPT_TAG", "CheckpointableTask", "Task", "TaskInfo", "TaskOutput", "attempt", "task_env"]

@@ -1,0 +1,37 @@
+"""What the steps share: the launcher's explicit parameters from the config, and job records."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from glmsnake.config import Allocation as AllocationConfig
+from glmsnake.config import Workflow
+from glmsnake.launch.spec import Allocation, Cluster, ContainerSettings, SlurmSettings
+
+
+def cluster(wf: Workflow) -> Cluster:
+    """Where multi-node jobs run: the launcher, the `slurm:` section, the preset's container."""
+    s, c = wf.user.slurm, wf.preset.container
+    return Cluster(
+        launcher=wf.user.launcher,
+        slurm=SlurmSettings(partition=s.partition, account=s.account, qos=s.qos, constraint=s.constraint,
+                            network_interface=s.network_interface),
+        # base_dir is mounted too: every task reads and writes there.
+        container=ContainerSettings(runtime=c.runtime, image=c.image,
+                                    mounts=tuple(dict.fromkeys([*c.mounts, str(wf.base)]))),
+    )
+
+
+def allocation(a: AllocationConfig) -> Allocation:
+    return Allocation(nodes=a.nodes, gpus_per_node=a.gpus_per_node, cpus_per_task=a.cpus_per_task,
+                      mem_gb=a.mem_gb, time_min=a.time_min, exclusive=a.exclusive)
+
+
+def job_record(rec: Any) -> dict[str, Any]:
+    """The job id and nodes of a launch record, for a sentinel."""
+    out = {}
+    for k in ("job_id", "nodes"):
+        v = getattr(rec, k, None)
+        if v is not None:
+            out[k] = v if isinstance(v, (str, int, list)) else str(v)
+    return out

@@ -1,0 +1,128 @@
+"""Rule train_run: the run's allocation, Ray across it, then slime or the local trainer.
+
+- backend `local`: the driver is `python -m glmsnake.trainer.driver --settings <run>/trainer_settings.json`;
+  backend `slime`: slime's train.py (glmsnake.recipe.driver).
+- launcher `slurm`: glmsnake.launch.run_ray_job allocates the nodes, starts Ray across them and
+  submits the driver through the Jobs SDK. launcher `local` (one machine): the local backend's
+  driver runs as a child process with a private Ray on a loopback address.
+- Every attempt resumes from the run's latest complete checkpoint (the driver does it).
+  The sentinel is written only when the checkpoint of the last rollout exists.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from glmsnake import atomic, recipe, staleness
+from glmsnake.config import Workflow
+from glmsnake.errors import GlmsnakeError
+from glmsnake.launch import JobSpec, run_ray_job
+from glmsnake.paths import TRACKER
+from glmsnake.steps.common import allocation, cluster
+from glmsnake.trainer import checkpoints, metrics, process
+from glmsnake.trainer.settings import TrainerSettings
+
+
+def trainer_settings(wf: Workflow, run_name: str) -> TrainerSettings:
+    """The local trainer's record of one run: its typed argument groups and its paths."""
+    run, paths = wf.runs[run_name], wf.paths
+    return TrainerSettings(
+        run=run_name,
+        run_dir=str(paths.run(run_name).root),
+        hf_dir=str(paths.hf_dir),
+        torch_dist_dir=str(paths.torch_dist_dir),
+        prompt_data=str(paths.dataset(wf.preset.prompt_dataset)),
+        eval_data={n: str(paths.dataset(n)) for n in wf.preset.eval_datasets},
+        rollout=run.rollout, eval=run.eval, grpo=run.grpo, optimizer=run.optimizer, perf=run.perf,
+        save_interval=run.train.save_interval,
+        seed=run.train.seed,
+    )
+
+
+def write_settings(wf: Workflow, run: str) -> tuple[TrainerSettings, Path]:
+    settings = trainer_settings(wf, run)
+    path = wf.paths.run(run).trainer_settings
+    atomic.write_bytes(path, settings.to_json().encode())
+    return settings, path
+
+
+def versions(run_backend: str, slime_dir: str | None) -> dict[str, str]:
+    out = {}
+    for mod in ("torch", "transformers", "ray", "submitit", "glmsnake"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - a missing package is recorded as such
+            out[mod] = "missing"
+    if run_backend == "slime" and slime_dir:
+        try:
+            out["slime_git"] = subprocess.run(["git", "-C", slime_dir, "rev-parse", "HEAD"], capture_output=True,
+                                              text=True, timeout=10).stdout.strip() or "unknown"
+        except (OSError, subprocess.TimeoutExpired):
+            out["slime_git"] = "unknown"
+    return out
+
+
+def train_run(wf: Workflow, sentinel: Path, run: str) -> None:
+    r = wf.runs[run]
+    t0 = time.monotonic()
+    settings, settings_path = write_settings(wf, run)
+    ckroot = settings.checkpoint_root
+    before = checkpoints.iterations(ckroot)
+    print(f"[glmsnake] train {run}: backend {r.train.backend}, launcher {wf.user.launcher}, "
+          f"checkpoints before this attempt: {before}", flush=True)
+    job: dict[str, Any] = {}
+    if wf.user.launcher == "slurm":
+        if r.train.backend == "local":
+            factory = functools.partial(process.driver_command, str(settings_path))
+        else:
+            factory = functools.partial(recipe.driver, wf, run, interface=wf.user.slurm.network_interface)
+        name = f"train_{run}"
+        spec = JobSpec(name=name, allocation=allocation(r.train.allocation), log_dir=wf.paths.job_logs(name))
+        # Checkpointable: Slurm's USR2 before the time limit, or a preemption, requeues the job
+        # and the driver resumes from the latest checkpoint by itself (max_requeues bounds
+        # the time-limit requeues). The driver's output streams into this step's stdout, i.e. the rule's log.
+        res = run_ray_job(cluster(wf), spec, factory, max_requeues=r.train.max_requeues, echo_to=sys.stdout.buffer)
+        job = {"slurm_job_id": res.slurm_job_id, "ray_job_id": res.job_id, "nodes": res.nodes,
+               "gpus": res.gpus, "timings": res.timings, "status": res.status, "attempts": res.attempts}
+        rc = res.exit_code
+    else:
+        if r.train.backend != "local":
+            raise GlmsnakeError(f"run {run}: backend slime needs the GPU cluster (launcher: slurm)",
+                                "use launcher: slurm, or train.backend: local on one machine")
+        rc = process.run_child(process.driver_command(str(settings_path)))
+        job = {"nodes": [os.uname().nodename]}
+    if rc != 0:
+        raise GlmsnakeError(f"training driver of run {run} exited with {rc}",
+                            f"read the step log; rerunning resumes from the latest checkpoint in {ckroot}")
+    final = checkpoints.latest(ckroot) if r.train.backend == "local" else tracker_iteration(ckroot)
+    want = r.rollout.num_rollout - 1
+    if final is None or final < want:
+        raise GlmsnakeError(f"run {run}: training ended at checkpoint {final}, expected iteration {want}",
+                            "rerun the step; it resumes from that checkpoint")
+    run_paths = settings.paths
+    records = metrics.read(run_paths.metrics)
+    if records:
+        metrics.plot(records, run_paths.plot, run)
+    atomic.write_sentinel(
+        sentinel, step="train", settings=staleness.train(wf, run),
+        backend=r.train.backend, config_hash=wf.config_hash(run), final_iteration=final,
+        checkpoints=checkpoints.iterations(ckroot) if r.train.backend == "local" else [final],
+        checkpoint_dir=str(ckroot), metrics=str(run_paths.metrics), plot=str(run_paths.plot),
+        metrics_summary=metrics.summary(records), versions=versions(r.train.backend, r.train.slime_dir),
+        job=job, seconds=round(time.monotonic() - t0, 3),
+    )
+
+
+def tracker_iteration(root: Path) -> int | None:
+    """The iteration Megatron's tracker file names (slime's checkpoints), None when absent."""
+    p = root / TRACKER
+    if not p.is_file():
+        return None
+    text = p.read_text().strip()
+    return int(text) if text.isdigit() else None
