@@ -35,11 +35,15 @@ def write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
@@ -78,16 +82,48 @@ def staged_dir(final: Path, *, keep_partial: bool = True) -> Iterator[Path]:
 
 
 def publish_dir(stage: Path, final: Path) -> None:
-    """Rename a complete staging folder to its final name, replacing an older one."""
+    """Rename a complete staging folder to its final name, replacing an older one.
+
+    An older folder is swapped out in one step (renameat2 RENAME_EXCHANGE), so `final` always
+    holds a whole folder, the old or the new, even if the process dies in between; where the file
+    system cannot exchange, the old folder is moved aside first and put back if the rename fails.
+    """
     final = Path(final)
-    if final.exists():
+    if not final.exists():
+        os.replace(stage, final)
+    elif _exchange(stage, final):
+        shutil.rmtree(stage, ignore_errors=True)  # now the old folder
+    else:
         old = final.with_name(f".{final.name}.old{os.getpid()}")
         os.replace(final, old)
-        os.replace(stage, final)
+        try:
+            os.replace(stage, final)
+        except BaseException:
+            os.replace(old, final)
+            raise
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(stage, final)
     fsync_dir(final.parent)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2); False where the call or the file system lacks it."""
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def sha256_file(path: Path) -> str:

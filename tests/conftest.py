@@ -32,6 +32,12 @@ def pytest_configure(config):
     else:
         why = netns.enter_loopback_only()
         _NETWORK = f"host network ({why})" if why else "own network namespace, loopback only"
+        if why and in_ci():  # not root, or no unshare: CI must test as root, in its own namespace
+            raise pytest.UsageError(f"CI=true, but the test session could not leave the host network: {why}")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1")
 
 
 def pytest_report_header(config):
@@ -63,6 +69,18 @@ def hub_server(monkeypatch):
         yield server
 
 
+def skip_or_fail(reason: str, missing_on_this_machine: bool = True) -> None:
+    """What a test does when something it needs is not here.
+
+    A user's machine may lack it: skip, saying what to install. Under CI=true (where .ci/setup
+    installs everything) or when the thing is there but broken, it is a failure: a green run
+    must never hide a part that was not tested.
+    """
+    if missing_on_this_machine and not in_ci():
+        pytest.skip(reason)
+    pytest.fail(reason + (" (CI=true: CI must run this test)" if missing_on_this_machine else ""))
+
+
 def server_home(monkeypatch) -> Path:
     import tempfile
 
@@ -83,9 +101,9 @@ def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = 
     return proc
 
 
-def run_local(workdir: Path, target: str) -> Path:
-    """`snakemake --profile profiles/local TARGET` for real, outputs in workdir/results; returns that base."""
-    base = workdir / "results"
+def run_local(workdir: Path, target: str, base_name: str = "results") -> Path:
+    """`snakemake --profile profiles/local TARGET` for real, outputs in workdir/<base_name>; returns that base."""
+    base = workdir / base_name
     snakemake(workdir, "--profile", str(REPO / "profiles/local"), target, "--config", f"base_dir={base}")
     return base
 

@@ -19,14 +19,16 @@ def test_copies_appends_from_another_process_and_the_last_bytes(tmp_path):
         "with open(sys.argv[1], 'ab', buffering=0) as f:\n"
         "    for i in range(40):\n"
         "        f.write(b'line %d\\n' % i)\n"
-        "        time.sleep(0.005)\n"
+        "    sys.stdin.read()\n"  # then it waits, still running, until told to finish
     )
     with FileFollower(log, out, interval_s=0.02) as follower:
-        subprocess.run([sys.executable, "-c", writer, str(log)], check=True)
+        proc = subprocess.Popen([sys.executable, "-c", writer, str(log)], stdin=subprocess.PIPE)
         deadline = time.time() + 10
-        while b"line 20" not in out.getvalue() and time.time() < deadline:
+        while b"line 39" not in out.getvalue() and time.time() < deadline:
             time.sleep(0.01)
-        assert b"line 20" in out.getvalue()  # copied while the writer ran, not only at the end
+        assert proc.poll() is None and b"line 39" in out.getvalue()  # copied while the writer runs
+        proc.communicate(b"")
+        assert proc.returncode == 0
         with open(log, "ab") as f:
             f.write(b"written just before the job ended\n")
     expect = b"".join(b"line %d\n" % i for i in range(40)) + b"written just before the job ended\n"

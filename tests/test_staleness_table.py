@@ -48,6 +48,8 @@ CASES = [
     ("FP8 workers", ["overrides={convert: {fp8: {workers: 1}}}"], set()),
     ("architecture, same local weights", ["overrides={model: {moe_router_topk: 1}}"],
      {"convert_torch_dist", *TRAIN}),
+    ("a dataset entry", ["overrides={datasets: {eval: {source: tiny, file: other.jsonl}}}"],
+     {"download_dataset", *TRAIN}),
     ("torch_dist writer count", ["overrides={convert: {torch_dist: {writers_per_node: 2}}}"], set()),
     ("torch_dist allocation", ["overrides={convert: {torch_dist: {allocation: {nodes: 1}}}}"], set()),
     ("torch_dist backend", ["overrides={convert: {torch_dist: {backend: slime}}}"], set()),

@@ -279,27 +279,26 @@ def test_slime_command_every_argument(tmp_path):
     assert "RANK" not in env and env["HOME"] == "/root"
 
 
-def test_slime_backend_runs_torchrun_on_every_node(tiny_hf, tmp_path):
-    """The real launcher and torchrun run the (stand-in) converter: 2 nodes x 2 ranks, then the step refuses no output."""
-    slime = tmp_path / "slime"
+def test_slime_backend_runs_torchrun_on_every_node(tiny_hf, tmp_path, monkeypatch):
+    """The real launcher and torchrun run the (stand-in) converter: 2 nodes x 2 ranks, then the step refuses no output.
+
+    Paths with a space and a quote: torchrun's command line is an argument list, never a shell line."""
+    slime = tmp_path / "slime's checkout"
     (slime / "tools").mkdir(parents=True)
     script = slime / "tools" / "convert_hf_to_torch_dist.py"
     script.write_text(STAND_IN)
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     records = tmp_path / "records"
     records.mkdir()
-    os.environ["GLMSNAKE_STANDIN_DIR"] = str(records)
+    monkeypatch.setenv("GLMSNAKE_STANDIN_DIR", str(records))
     bindir = Path(sys.executable).parent
-    os.environ["PATH"] = f"{bindir}{os.pathsep}{os.environ['PATH']}"  # this interpreter's torchrun
-    try:
-        wf = resolve.load({"base_dir": str(tmp_path / "base"), "overrides": {
-            "convert": {"torch_dist": {"backend": "slime", "writers_per_node": 2}},
-            "train": {"slime_dir": str(slime), "megatron_dir": "/opt/Megatron-LM"}}})
-        shutil.copytree(tiny_hf, wf.paths.hf_dir)
-        with pytest.raises(GlmsnakeError, match="latest_checkpointed_iteration.txt"):
-            convert_steps.convert_torch_dist(wf, wf.paths.torch_dist_dir / "glmsnake.done.json")
-    finally:
-        del os.environ["GLMSNAKE_STANDIN_DIR"]
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")  # this interpreter's torchrun
+    wf = resolve.load({"base_dir": str(tmp_path / "base $dir"), "overrides": {
+        "convert": {"torch_dist": {"backend": "slime", "writers_per_node": 2}},
+        "train": {"slime_dir": str(slime), "megatron_dir": "/opt/Megatron-LM"}}})
+    shutil.copytree(tiny_hf, wf.paths.hf_dir)
+    with pytest.raises(GlmsnakeError, match="latest_checkpointed_iteration.txt"):
+        convert_steps.convert_torch_dist(wf, wf.paths.torch_dist_dir / "glmsnake.done.json")
     got = [json.loads(p.read_text()) for p in sorted(records.glob("rank*.json"))]
     assert sorted(int(r["env"]["RANK"]) for r in got) == [0, 1, 2, 3]
     assert {r["env"]["WORLD_SIZE"] for r in got} == {"4"}

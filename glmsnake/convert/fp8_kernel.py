@@ -229,12 +229,22 @@ def native_kernel() -> NativeKernel | None:
                 _native["kernel"], _native["error"] = kernel, None
             except Exception as e:  # noqa: BLE001  (no compiler, a failed build, a wrong result: torch does the math)
                 _native["kernel"], _native["error"] = None, f"{type(e).__name__}: {e}"
+                _native["no_compiler"] = isinstance(e, NoCompiler)
                 print(f"glmsnake: FP8 C kernel unavailable, using torch ops (slower): {e}", file=sys.stderr)
         return _native["kernel"]
 
 
 def native_kernel_error() -> str | None:
     return _native.get("error")
+
+
+def kernel_missing_for_want_of_a_compiler() -> bool:
+    """True when the kernel is absent only because this machine has no C compiler (nothing is wrong)."""
+    return bool(_native.get("no_compiler"))
+
+
+class NoCompiler(RuntimeError):
+    pass
 
 
 def _compiler() -> list[str]:
@@ -244,7 +254,7 @@ def _compiler() -> list[str]:
         for name in ("cc", "gcc", "clang"):
             if shutil.which(name):
                 return [name]
-        raise RuntimeError("no C compiler found (set CC)")
+        raise NoCompiler("no C compiler found (set CC)")
     return cmd
 
 

@@ -151,8 +151,8 @@ def render_text(wf: "Workflow", run_name: str) -> str:
     run = wf.runs[run_name]
     env = runtime_env(run, head_address="${MASTER_ADDR}")
     lines.append("# runtime env: " + " ".join(f"{k}={v}" for k, v in env.items()))
-    lines.append(f"cd {run.train.slime_dir} && " + " ".join([*TRAIN_PY, *placement_args(run)])
-                 + " " + " ".join(f"${{{g}_ARGS[@]}}" for g in GROUP_ORDER))
+    lines.append(f"cd {_quote(run.train.slime_dir)} && " + " ".join([*TRAIN_PY, *placement_args(run)])
+                 + " " + " ".join(f'"${{{g}_ARGS[@]}}"' for g in GROUP_ORDER))
     return "\n".join(lines)
 
 

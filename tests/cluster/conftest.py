@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from conftest import skip_or_fail  # noqa: E402
 from tests.cluster.slurm_cluster import Cluster  # noqa: E402
 
 
@@ -29,7 +30,7 @@ def _have_slurm() -> bool:
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
     if not _have_slurm():
-        pytest.skip("needs root and Debian's slurm-wlm + munge (apt-get install -y slurm-wlm munge)")
+        skip_or_fail("needs root and Debian's slurm-wlm + munge (apt-get install -y slurm-wlm munge)")
     reuse = os.environ.get("GLMSNAKE_SLURM_REUSE")
     root = Path(reuse) if reuse else Path(f"/tmp/gsl{os.getpid()}")  # short: unix socket paths
     c = Cluster(root)

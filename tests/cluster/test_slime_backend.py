@@ -11,13 +11,14 @@ from __future__ import annotations
 import functools
 import json
 import re
+import shlex
 import shutil
 from pathlib import Path
 
 import pytest
 
 from glmsnake import config, recipe, resolve
-from glmsnake.launch import Allocation, Cluster, ContainerSettings, JobSpec, SlurmSettings, jobs, run_ray_job
+from glmsnake.launch import Allocation, Cluster, ContainerSettings, JobSpec, SlurmSettings, run_ray_job
 
 pytestmark = pytest.mark.slurm
 STUB = Path(__file__).resolve().parent / "slime_stub" / "train.py"
@@ -70,13 +71,18 @@ def test_slime_driver_contract_on_8_nodes(slurm_cluster, tmp_path, monkeypatch):
     want = recipe.driver(wf, "default", head, interface="lo")
     # The whole command line: what the Jobs SDK ran, and what train.py received.
     m = re.search(r"submitted to http://\S+: (.*)$", text, re.M)
-    assert m and m.group(1) == jobs.entrypoint(want.argv, want.cwd)
-    assert want.argv[:2] == ["python3", "train.py"] and rec["argv0"] == "train.py" and rec["argv"] == want.argv[2:]
+    # The logged entrypoint, split as a shell splits it, is what train.py received.
+    assert m and shlex.split(m.group(1)) == ["cd", str(run.train.slime_dir), "&&", "exec", "python3", "train.py",
+                                             *rec["argv"]]
+    assert rec["argv0"] == "train.py" and rec["argv"] == want.argv[2:]
     argv = rec["argv"]
     assert argv[:5] == ["--actor-num-nodes", "8", "--actor-num-gpus-per-node", "8", "--colocate"]
-    # Every argument group of the preset, in slime's order.
-    flat = [a for g in recipe.groups(wf, "default").values() for a in g]
-    assert argv[5:] == flat
+    # Every argument group, in the order of slime's script: each group's first flag, in turn.
+    firsts = ["--disable-bias-linear", "--hf-checkpoint", "--prompt-data", "--eval-interval",
+              "--tensor-model-parallel-size", "--advantage-estimator", "--optimizer", "--rollout-num-gpus-per-engine",
+              "--enable-mtp-training", "--attention-dropout"]
+    assert [argv.index(f) for f in firsts] == sorted(argv.index(f) for f in firsts)
+    assert argv[5] == firsts[0] and argv[-1] == "--moe-enable-deepep"
     for flag, value in [("--num-layers", "92"), ("--hidden-size", "5120"), ("--num-experts", "160"),
                         ("--tensor-model-parallel-size", "8"), ("--pipeline-model-parallel-size", "4"),
                         ("--expert-model-parallel-size", "16"), ("--rollout-batch-size", "128"),
