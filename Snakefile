@@ -8,7 +8,7 @@ from snakemake.utils import min_version, validate
 
 min_version("9.20")
 
-from glmsnake import resolve, staleness
+from glmsnake import base_lock, resolve, staleness
 
 
 configfile: "config/config.yaml"
@@ -18,6 +18,11 @@ WF = resolve.load(config)
 PATHS = WF.paths
 # Steps resolve the same config from the environment, on this host and on Slurm nodes alike.
 resolve.export_to_env(config, workflow.configfiles)
+
+
+onstart:
+    # Only a run that executes jobs (not a dry run, not a job on a node) holds base_dir.
+    base_lock.acquire(WF.base)
 
 
 include: "rules/common.smk"

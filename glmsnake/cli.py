@@ -46,21 +46,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_step(args: argparse.Namespace) -> int:
-    from glmsnake.steps import STEPS
-    from glmsnake.resolve import from_env
-
-    if args.step not in STEPS:
-        raise GlmsnakeError(f"no step named {args.step!r}", f"choose one of {sorted(STEPS)}")
     import inspect
 
-    fn = STEPS[args.step]
+    from glmsnake import steps
+    from glmsnake.resolve import from_env
+
+    if args.step not in steps.STEPS:
+        raise GlmsnakeError(f"no step named {args.step!r}", f"choose one of {sorted(steps.STEPS)}")
     options = {k: v for k in ("sentinel", "output", "run", "name") if (v := getattr(args, k)) is not None}
-    params = list(inspect.signature(fn).parameters.values())[1:]
+    params = list(inspect.signature(steps.STEPS[args.step]).parameters.values())[1:]
     missing = [p.name for p in params if p.default is p.empty and p.name not in options]
     if missing:
         raise GlmsnakeError(f"step {args.step} needs {', '.join('--' + m for m in missing)}",
                             "the rules pass them; run steps through snakemake")
-    fn(from_env(), **options)
+    wf, config_line = from_env()
+    steps.run(args.step, wf, config_line, **options)
     return 0
 
 

@@ -116,6 +116,11 @@ class Train(Strict):
     colocate: bool = True
     save_interval: int = Field(20, ge=1)
     max_requeues: int = Field(3, ge=0, description="how often a job that reaches its time limit is requeued (it resumes)")
+    on_change: Literal["restart", "continue"] = Field(
+        "restart",
+        description="when the run's settings change: restart from the torch_dist weights (earlier checkpoints "
+        "move to runs/<run>/previous/), or continue from the latest checkpoint (never across an architecture change)",
+    )
     seed: int = 1234
     slime_dir: str = "/root/slime"
     megatron_dir: str = "/root/Megatron-LM"

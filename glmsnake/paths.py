@@ -8,7 +8,8 @@ named once. Nothing here touches the disk.
     <base>/<model>-FP8/                  block-FP8 HF folder + sentinel
     <base>/data/<name>.jsonl             prompt sets (+ .manifest.json for hub datasets)
     <base>/runs/<run>/                   sentinel, checkpoints/, metrics.jsonl, train_curves.png,
-                                         trainer_settings.json, hf/ (the export)
+                                         trainer_settings.json, hf/ (the export), logs/attempt-N.log,
+                                         previous/<settings hash>/ (checkpoints of earlier settings)
     <base>/logs/<rule>[.<wildcard>].log  one log per rule; <base>/logs/<job>/ for multi-node jobs
 """
 
@@ -22,41 +23,30 @@ MANIFEST = "glmsnake.manifest.json"  # download_hf's sentinel: the file list wit
 TRACKER = "latest_checkpointed_iteration.txt"  # Megatron's name for "which checkpoint is the latest"
 
 
+class _Join:
+    """A path below another attribute of the object: `checkpoints = _Join("root", "checkpoints")`."""
+
+    def __init__(self, start: str, *parts: str):
+        self.start, self.parts = start, parts
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else Path(getattr(obj, self.start), *self.parts)
+
+
 @dataclass(frozen=True)
 class RunPaths:
     """One training run's folder."""
 
     root: Path
 
-    @property
-    def sentinel(self) -> Path:
-        return self.root / SENTINEL
-
-    @property
-    def checkpoints(self) -> Path:
-        """The checkpoint root (slime's --load/--save): iter_XXXXXXX/ folders and the tracker file."""
-        return self.root / "checkpoints"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def plot(self) -> Path:
-        return self.root / "train_curves.png"
-
-    @property
-    def trainer_settings(self) -> Path:
-        return self.root / "trainer_settings.json"
-
-    @property
-    def hf(self) -> Path:
-        """The run's export as an HF folder."""
-        return self.root / "hf"
-
-    @property
-    def hf_sentinel(self) -> Path:
-        return self.hf / SENTINEL
+    sentinel = _Join("root", SENTINEL)
+    checkpoints = _Join("root", "checkpoints")  # slime's --load/--save: iter_XXXXXXX/ and the tracker
+    metrics = _Join("root", "metrics.jsonl")
+    plot = _Join("root", "train_curves.png")
+    trainer_settings = _Join("root", "trainer_settings.json")
+    hf = _Join("root", "hf")  # the run's export as an HF folder
+    hf_sentinel = _Join("root", "hf", SENTINEL)
+    attempt_logs = _Join("root", "logs")  # attempt-N.log: every training attempt's log
 
 
 @dataclass(frozen=True)
@@ -71,38 +61,24 @@ class Paths:
         return self.base / self.model_name
 
     @property
-    def hf_manifest(self) -> Path:
-        return self.hf_dir / MANIFEST
-
-    @property
     def torch_dist_dir(self) -> Path:
         return self.base / f"{self.model_name}_torch_dist"
-
-    @property
-    def torch_dist_sentinel(self) -> Path:
-        return self.torch_dist_dir / SENTINEL
 
     @property
     def fp8_dir(self) -> Path:
         return self.base / f"{self.model_name}-FP8"
 
-    @property
-    def fp8_sentinel(self) -> Path:
-        return self.fp8_dir / SENTINEL
-
-    @property
-    def data_dir(self) -> Path:
-        return self.base / "data"
+    hf_manifest = _Join("hf_dir", MANIFEST)
+    torch_dist_sentinel = _Join("torch_dist_dir", SENTINEL)
+    fp8_sentinel = _Join("fp8_dir", SENTINEL)
+    data_dir = _Join("base", "data")
+    logs = _Join("base", "logs")
 
     def dataset(self, name: str) -> Path:
         return self.data_dir / f"{name}.jsonl"
 
     def run(self, name: str) -> RunPaths:
         return RunPaths(self.base / "runs" / name)
-
-    @property
-    def logs(self) -> Path:
-        return self.base / "logs"
 
     def rule_log(self, rule: str, wildcard: str | None = None) -> Path:
         """The `log:` of a rule: `logs/<rule>.log`, or `logs/<rule>.<wildcard>.log`."""

@@ -136,7 +136,8 @@ def export_to_env(config: dict[str, Any], files: list[str]) -> None:
     os.environ[knobs.CONFIG.name] = json.dumps({"files": [str(f) for f in files], "config": config})
 
 
-def from_env() -> Workflow:
+def from_env() -> tuple[Workflow, str]:
+    """The Workflow the Snakefile exported, and a line saying where its config came from."""
     raw = knobs.CONFIG.raw()
     if not raw:
         raise GlmsnakeError(
@@ -146,9 +147,7 @@ def from_env() -> Workflow:
     doc = json.loads(raw)
     wf = load(doc["config"])
     files = ", ".join(doc.get("files") or []) or "(none)"
-    print(f"[glmsnake] config: {files}; preset {wf.user.preset}, launcher {wf.user.launcher}, base_dir {wf.base}",
-          flush=True)
-    return wf
+    return wf, f"[glmsnake] config: {files}; preset {wf.user.preset}, launcher {wf.user.launcher}, base_dir {wf.base}"
 
 
 def user_config_schema() -> dict[str, Any]:

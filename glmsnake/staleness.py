@@ -36,7 +36,7 @@ def fp8(wf: Workflow) -> dict[str, Any]:
 
 # Run settings that change how a run executes but not what it computes.
 _RUN_EXECUTION_ONLY = {
-    "train": {"save_interval", "max_requeues", "allocation", "slime_dir", "megatron_dir"},
+    "train": {"save_interval", "max_requeues", "on_change", "allocation", "slime_dir", "megatron_dir"},
 }
 
 

@@ -10,6 +10,7 @@ def show_status(wf: Workflow, run: str | None) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn
 
+    from glmsnake.steps import lineage
     from glmsnake.trainer import checkpoints, metrics
 
     if run is not None and run not in wf.runs:
@@ -36,4 +37,6 @@ def show_status(wf: Workflow, run: str | None) -> int:
         latest = checkpoints.latest(run_paths.checkpoints)
         finished = run_paths.sentinel.is_file()
         console.print(f"  latest checkpoint: {latest if latest is not None else 'none'}; {'finished' if finished else 'not finished'}")
+        for folder in lineage.set_aside(run_paths):
+            console.print(f"  earlier settings' checkpoints, set aside: {folder}")
     return 0

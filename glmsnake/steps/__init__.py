@@ -7,7 +7,8 @@ they turn the config into plain parameters, call the library, and write the sent
 
 from __future__ import annotations
 
-from glmsnake.steps import convert, export, train, weights
+from glmsnake.config import Workflow
+from glmsnake.steps import attempts, convert, export, train, weights
 
 # `glmsnake step NAME` -> function(wf, **options); options are the CLI's --sentinel/--output/--run/--name.
 STEPS = {
@@ -18,3 +19,22 @@ STEPS = {
     "train": train.train_run,
     "export-hf": export.export_hf,
 }
+
+
+def run(step: str, wf: Workflow, config_line: str, **options) -> None:
+    """Run one step, its log starting with where its config came from.
+
+    Training's log is kept per attempt as well (steps/attempts.py).
+    """
+    fn = STEPS[step]
+    if fn is not train.train_run:
+        print(config_line, flush=True)
+        fn(wf, **options)
+        return
+    rule_log, folder = wf.paths.rule_log("train", options["run"]), wf.paths.run(options["run"]).attempt_logs
+    copy_to = attempts.begin(rule_log, folder)
+    try:
+        print(config_line, flush=True)
+        fn(wf, **options)
+    finally:
+        attempts.finish(rule_log, copy_to)

@@ -24,6 +24,7 @@ from glmsnake.config import Workflow
 from glmsnake.errors import GlmsnakeError
 from glmsnake.launch import JobSpec, run_ray_job
 from glmsnake.paths import TRACKER
+from glmsnake.steps import lineage
 from glmsnake.steps.common import allocation, cluster
 from glmsnake.trainer import checkpoints, metrics, process
 from glmsnake.trainer.settings import TrainerSettings
@@ -71,9 +72,14 @@ def versions(run_backend: str, slime_dir: str | None) -> dict[str, str]:
 def train_run(wf: Workflow, sentinel: Path, run: str) -> None:
     r = wf.runs[run]
     t0 = time.monotonic()
+    key = staleness.train(wf, run)
+    decision = lineage.prepare(wf.paths.run(run), key, r.train.on_change)
+    moved = f"; the earlier checkpoints moved to {decision.moved_to}" if decision.moved_to else ""
+    print(f"[glmsnake] train {run}: {decision.why}{moved}", flush=True)
     settings, settings_path = write_settings(wf, run)
     ckroot = settings.checkpoint_root
     before = checkpoints.iterations(ckroot)
+    resumed_from = (before[-1] if before else None) if r.train.backend == "local" else tracker_iteration(ckroot)
     print(f"[glmsnake] train {run}: backend {r.train.backend}, launcher {wf.user.launcher}, "
           f"checkpoints before this attempt: {before}", flush=True)
     job: dict[str, Any] = {}
@@ -110,12 +116,15 @@ def train_run(wf: Workflow, sentinel: Path, run: str) -> None:
     if records:
         metrics.plot(records, run_paths.plot, run)
     atomic.write_sentinel(
-        sentinel, step="train", settings=staleness.train(wf, run),
+        sentinel, step="train", settings=key,
         backend=r.train.backend, config_hash=wf.config_hash(run), final_iteration=final,
         checkpoints=checkpoints.iterations(ckroot) if r.train.backend == "local" else [final],
         checkpoint_dir=str(ckroot), metrics=str(run_paths.metrics), plot=str(run_paths.plot),
         metrics_summary=metrics.summary(records), versions=versions(r.train.backend, r.train.slime_dir),
         job=job, seconds=round(time.monotonic() - t0, 3),
+        # Which checkpoints the result came from: resumed (from which), or started afresh.
+        lineage={"settings_hash": lineage.settings_hash(key), "resumed_from": resumed_from,
+                 "decision": decision.why, "set_aside": str(decision.moved_to) if decision.moved_to else None},
     )
 
 

@@ -1,0 +1,159 @@
+"""Reruns mean what they say, on real runs of the tiny preset (one workflow, changed step by step).
+
+The tests run in order on one base folder: a finished run, then an extension, a changed
+setting, `train.on_change: continue`, and an architecture change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, snakemake
+from test_workflow import jobs_of
+
+SHORT = "rollout: {num_rollout: 4}"
+LONGER = "rollout: {num_rollout: 8}"
+
+
+@pytest.fixture(scope="module")
+def wf(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("reruns")
+    base = wd / "results"
+
+    def run(runs: str, *extra: str, check: bool = True):
+        return snakemake(wd, "--profile", str(REPO / "profiles/local"), "all", "--config", f"base_dir={base}",
+                         f"runs={{default: {{{runs}}}}}", *extra, check=check)
+
+    run(SHORT)
+    return base, run
+
+
+def sentinel(base: Path) -> dict:
+    return json.loads((base / "runs/default/glmsnake.done.json").read_text())
+
+
+def exported(base: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted((base / "runs/default/hf").glob("*.safetensors")):
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def previous(base: Path) -> list[Path]:
+    folder = base / "runs/default/previous"
+    return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+def test_a_longer_run_continues_from_the_last_checkpoint(wf):
+    base, run = wf
+    first = exported(base)
+    out = run(LONGER).stdout
+    assert "localrule train_run" in out
+    s = sentinel(base)
+    assert s["final_iteration"] == 7 and s["lineage"]["resumed_from"] == 3 and s["lineage"]["set_aside"] is None
+    assert "the run is extended (rollout.num_rollout)" in s["lineage"]["decision"]
+    assert previous(base) == []
+    assert exported(base) != first
+
+
+def test_a_changed_setting_retrains_and_keeps_the_earlier_checkpoints(wf):
+    base, run = wf
+    before_hash, before_export = sentinel(base)["lineage"]["settings_hash"], exported(base)
+    run(LONGER + ", optimizer: {lr: 0.02}")
+    s = sentinel(base)
+    assert s["final_iteration"] == 7 and s["lineage"]["resumed_from"] is None
+    assert s["lineage"]["decision"] == "settings changed (optimizer.lr)"
+    [aside] = previous(base)
+    assert aside.name == before_hash and s["lineage"]["set_aside"] == str(aside)
+    assert sorted(p.name for p in (aside / "checkpoints").glob("iter_*")) == [
+        "iter_0000003", "iter_0000007"]
+    assert len((aside / "metrics.jsonl").read_text().splitlines()) >= 8  # the curves of those checkpoints
+    assert exported(base) != before_export
+    log = (base / "logs/train.default.log").read_text()
+    assert f"the earlier checkpoints moved to {aside}" in log
+
+
+def test_on_change_continue_resumes_with_the_new_settings(wf):
+    base, run = wf
+    run("rollout: {num_rollout: 12}, optimizer: {lr: 0.03}, train: {on_change: continue}")
+    s = sentinel(base)
+    assert s["final_iteration"] == 11 and s["lineage"]["resumed_from"] == 7 and s["lineage"]["set_aside"] is None
+    assert "train.on_change: continue" in s["lineage"]["decision"] and len(previous(base)) == 1
+
+
+def test_an_architecture_change_always_retrains_and_the_export_loads(wf):
+    base, run = wf
+    arch = "overrides={model: {num_layers: 4, moe_layer_freq: '[0]*1+[1]*3'}}"
+    out = run(SHORT + ", optimizer: {lr: 0.03}, train: {on_change: continue}", arch).stdout
+    assert {"download_hf", "convert_torch_dist", "train_run", "export_hf"} <= set(jobs_of_run(out))
+    s = sentinel(base)
+    assert s["lineage"]["resumed_from"] is None and "architecture changed" in s["lineage"]["decision"]
+    assert len(previous(base)) == 2
+    index = json.loads((base / "runs/default/hf/model.safetensors.index.json").read_text())["weight_map"]
+    assert any(k.startswith("model.layers.3.") for k in index)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base / "runs/default/hf")
+    assert model.config.num_hidden_layers == 4
+
+
+def jobs_of_run(out: str) -> dict[str, int]:
+    """The job stats of a real run (Snakemake prints the same table as for a dry run)."""
+    return jobs_of(out.replace("Nothing to be done", ""))
+
+
+def _processes_running(needle: str) -> list[int]:
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if needle in (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    pids.append(int(p.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_a_killed_attempts_log_is_kept_and_the_rerun_resumes(wf):
+    """SIGKILL the whole workflow mid-training: the rerun resumes, and both attempts' logs remain."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    base, run = wf
+    arch = "overrides={model: {num_layers: 4, moe_layer_freq: '[0]*1+[1]*3'}}"
+    longer = "rollout: {num_rollout: 24}, optimizer: {lr: 0.03}, train: {on_change: continue}"
+    wd = base.parent
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(wd), "--configfile",
+           str(REPO / "config/config.yaml"), "--cores", "2", "--profile", str(REPO / "profiles/local"), "train",
+           "--config", f"base_dir={base}", f"runs={{default: {{{longer}}}}}", arch]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    ck = base / "runs/default/checkpoints"
+    deadline = time.time() + 300
+    while not (ck / "iter_0000007").is_dir():
+        assert proc.poll() is None and time.time() < deadline, "no new checkpoint in time"
+        time.sleep(0.2)
+    settings = str(base / "runs/default/trainer_settings.json")
+    drivers = _processes_running(f"glmsnake.trainer.driver --settings {settings}")
+    os.killpg(proc.pid, signal.SIGKILL)  # Snakemake and the step
+    for pid in drivers:  # the driver runs in a session of its own (so Ctrl-C reaches all of it)
+        os.killpg(pid, signal.SIGKILL)
+    proc.wait()
+    snakemake(wd, "--unlock", "--config", f"base_dir={base}")
+    run(longer, arch)
+    s = sentinel(base)
+    assert s["final_iteration"] == 23 and s["lineage"]["resumed_from"] >= 7
+    logs = base / "runs/default/logs"
+    attempts = sorted(logs.glob("attempt-*.log"), key=lambda p: int(p.stem.split("-")[1]))
+    killed, last = attempts[-2], attempts[-1]
+    assert "resuming from iter 3" in killed.read_text()  # the killed attempt's own lines
+    assert f"resuming from iter {s['lineage']['resumed_from']}" in last.read_text()
+    rule_log = base / "logs/train.default.log"
+    assert rule_log.read_text() == last.read_text()  # the rule's log is the last attempt, under both names
+    assert f"this log is also {last}; earlier attempts: {logs}/" in rule_log.read_text()
