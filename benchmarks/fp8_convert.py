@@ -38,6 +38,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from glmsnake import publish
 from glmsnake.convert import fp8, fp8_kernel, fp8_plan, fp8_shard
 
 HIDDEN, Q_OUT, MOE_FFN = 5120, 12288, 1536
@@ -159,7 +160,7 @@ def child(impl: str, src: Path, dst: Path, workers: int, device: str, fsync: boo
     if cuda_chunk:
         fp8_shard.CHUNK_ELEMENTS["cuda"] = cuda_chunk
     shutil.rmtree(dst, ignore_errors=True)
-    shutil.rmtree(fp8.atomic.temp_dir_for(dst), ignore_errors=True)
+    shutil.rmtree(publish.temp_dir_for(dst), ignore_errors=True)
     torch.ones(1).sum()  # load torch's kernels before timing
     if device == "cuda":  # and create the CUDA context (~0.5 s), for both implementations alike
         torch.ones(1, device="cuda").sum().item()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from glmsnake import atomic
+from glmsnake import atomic, publish
 from glmsnake.errors import GlmsnakeError
 
 if TYPE_CHECKING:
@@ -254,7 +254,7 @@ def make_tiny_folder(model: "ModelArgs", seed: int, dest: Path) -> dict[str, Any
     """Generate the embedded tiny checkpoint into `dest` (staged, renamed when complete)."""
     from glmsnake.convert.tiny import make_tiny
 
-    with atomic.staged_dir(dest, keep_partial=False) as stage:
+    with publish.staged_dir(dest, keep_partial=False) as stage:
         names = make_tiny(stage, model, seed=seed)
     return {"source": "tiny", "seed": seed, "files": hash_files(dest, names)}
 

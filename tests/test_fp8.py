@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fp8_reference import dequant_error_ok, expand_scale, reference_quantize
 
 from conftest import skip_or_fail
-from glmsnake import atomic, resolve, staleness
+from glmsnake import atomic, publish, resolve, staleness
 from glmsnake.convert import fp8, fp8_kernel, fp8_plan, fp8_shard
 from glmsnake.convert.tiny import make_tiny
 from glmsnake.steps import convert as convert_steps
@@ -267,7 +267,7 @@ def test_tiny_output_format(tiny_hf, tiny_fp8, wf):
 
     for name in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]:
         assert (tiny_fp8 / name).read_bytes() == (tiny_hf / name).read_bytes()
-    assert not [p.name for p in tiny_fp8.iterdir() if p.name.startswith(".") or p.name.endswith(".incomplete")]
+    assert not [p.name for p in tiny_fp8.iterdir() if (p.name.startswith(".") and p.name != publish.FILES_NAME) or p.name.endswith(".incomplete")]
 
 
 def test_every_quantized_tensor_dequantizes_within_bound(tiny_hf, tiny_fp8, wf):
@@ -372,7 +372,7 @@ def test_rerun_skips_verified_shards_and_redoes_damaged_ones(tmp_path, tiny_hf, 
     first = fp8.convert(tiny_hf, save, **kw)
     # The state a run killed after two shards leaves: a hidden staging folder with those shards
     # and their .ok records, nothing at the final name.
-    stage = atomic.temp_dir_for(save)
+    stage = publish.temp_dir_for(save)
     shards = sorted(first.shards)
     stage.mkdir()
     for name in shards[:2]:
@@ -396,7 +396,7 @@ def test_rerun_skips_verified_shards_and_redoes_damaged_ones(tmp_path, tiny_hf, 
     assert second.shards == first.shards
     assert (save / shards[0]).stat().st_mtime_ns == kept_mtime
     assert not stage.exists()
-    assert not [p.name for p in save.iterdir() if p.name.startswith(".") or p.name.endswith(".incomplete")]
+    assert not [p.name for p in save.iterdir() if (p.name.startswith(".") and p.name != publish.FILES_NAME) or p.name.endswith(".incomplete")]
 
 
 def _plan(model_dir: Path, shard: str):
@@ -417,7 +417,7 @@ def test_killed_run_leaves_nothing_finished_and_rerun_resumes(tmp_path):
         for e in range(16)
     }
     src = write_model(tmp_path / "in", tensors, shards=4)  # 4 shards of 32 MB
-    save, stage = tmp_path / "out", atomic.temp_dir_for(tmp_path / "out")
+    save, stage = tmp_path / "out", publish.temp_dir_for(tmp_path / "out")
     cmd = [sys.executable, "-m", "glmsnake.convert.fp8", "--model-dir", str(src), "--save-dir", str(save),
            "--workers", "1", "--device", "cpu", "--no-fsync"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -449,7 +449,7 @@ def test_failed_run_leaves_nothing_that_looks_finished(tmp_path, capsys):
     assert fp8.main(["--model-dir", str(src), "--save-dir", str(save), "--workers", "1", "--device", "cpu"]) == 2
     assert "model.layers.9.mlp.down_proj.weight holds NaN or Inf" in capsys.readouterr().err
     assert not save.exists()
-    stage = atomic.temp_dir_for(save)
+    stage = publish.temp_dir_for(save)
     assert len(list(stage.glob(".*.ok.json"))) == 3  # the good shards are kept for the rerun
     assert not [p for p in ("config.json", fp8.INDEX_NAME, fp8.MARKER_NAME) if (stage / p).exists()]
 
@@ -533,7 +533,7 @@ def test_bad_input_is_refused_and_nothing_is_written(tmp_path, tiny_hf, case, ca
     assert fp8.main(["--model-dir", str(model), "--save-dir", str(save), "--device", "cpu", *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and "fix:" in err
-    assert snapshot(tmp_path) == before and not save.exists() and not atomic.temp_dir_for(save).exists()
+    assert snapshot(tmp_path) == before and not save.exists() and not publish.temp_dir_for(save).exists()
 
 
 def test_already_fp8_input_is_refused(tmp_path, tiny_fp8, capsys):
@@ -565,4 +565,4 @@ def test_output_folder_holding_another_model_is_not_overwritten(tmp_path, tiny_h
     before.update(snapshot(foreign))
     assert fp8.main(["--model-dir", str(tiny_hf), "--save-dir", str(foreign), "--device", "cpu"]) == 2
     assert snapshot(tmp_path / "other-model", foreign) == before
-    assert not atomic.temp_dir_for(other).exists() and not atomic.temp_dir_for(foreign).exists()
+    assert not publish.temp_dir_for(other).exists() and not publish.temp_dir_for(foreign).exists()

@@ -63,7 +63,9 @@ def test_a_longer_run_continues_from_the_last_checkpoint(wf):
 def test_a_changed_setting_retrains_and_keeps_the_earlier_checkpoints(wf):
     base, run = wf
     before_hash, before_export = sentinel(base)["lineage"]["settings_hash"], exported(base)
+    (base / "runs/default/hf/MY_NOTES.md").write_text("my model card")
     run(LONGER + ", optimizer: {lr: 0.02}")
+    assert (base / "runs/default/hf/MY_NOTES.md").read_text() == "my model card"  # the export was redone
     s = sentinel(base)
     assert s["final_iteration"] == 7 and s["lineage"]["resumed_from"] is None
     assert s["lineage"]["decision"] == "settings changed (optimizer.lr)"
@@ -88,7 +90,12 @@ def test_on_change_continue_resumes_with_the_new_settings(wf):
 def test_an_architecture_change_always_retrains_and_the_export_loads(wf):
     base, run = wf
     arch = "overrides={model: {num_layers: 4, moe_layer_freq: '[0]*1+[1]*3'}}"
+    for folder in ("tiny-glm4moe-FP8", "runs/default/hf"):
+        (base / folder / "MY_NOTES.md").write_text(f"notes on {folder}")
     out = run(SHORT + ", optimizer: {lr: 0.03}, train: {on_change: continue}", arch).stdout
+    assert "convert_fp8" in jobs_of_run(out)
+    for folder in ("tiny-glm4moe-FP8", "runs/default/hf"):  # both were replaced; the notes stayed
+        assert (base / folder / "MY_NOTES.md").read_text() == f"notes on {folder}"
     assert {"download_hf", "convert_torch_dist", "train_run", "export_hf"} <= set(jobs_of_run(out))
     s = sentinel(base)
     assert s["lineage"]["resumed_from"] is None and "architecture changed" in s["lineage"]["decision"]

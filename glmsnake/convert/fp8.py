@@ -27,7 +27,7 @@ from typing import TextIO
 
 import torch
 
-from glmsnake import atomic
+from glmsnake import atomic, publish
 from glmsnake.convert.fp8_math import Scheme
 from glmsnake.convert.fp8_plan import (
     MARKER_NAME,
@@ -241,7 +241,7 @@ def convert(
     check_destination(save_dir, model_dir)
     plans = [plan_shard(s, source.headers[s], scheme) for s in source.shards]
 
-    stage = atomic.temp_dir_for(save_dir)
+    stage = publish.temp_dir_for(save_dir)
     stage.mkdir(parents=True, exist_ok=True)
     progress, times = Progress(sum(p.in_bytes for p in plans), len(plans), log), PhaseTimes()
     try:
@@ -255,7 +255,7 @@ def convert(
     skip = modules_to_not_convert(plans)
     _write_metadata(stage, source, plans, scheme, skip, digests)
     _remove_strays(stage, {p.name for p in plans})
-    atomic.publish_dir(stage, save_dir)
+    publish.publish_dir(stage, save_dir)
     times.seconds["finish_wall"] = time.monotonic() - done  # metadata, other files, publishing
     return ConvertResult(
         save_dir, dict(sorted(digests.items())), sorted(p.name for p in todo),

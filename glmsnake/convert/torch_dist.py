@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from glmsnake.atomic import publish_dir, sha256_file, temp_dir_for, write_bytes, write_json
+from glmsnake.atomic import sha256_file, write_bytes, write_json
+from glmsnake.publish import publish_dir, temp_dir_for
 from glmsnake.convert import megatron_names as names
 from glmsnake.convert.arch import check_hf_config
 from glmsnake.convert.dcp_io import (

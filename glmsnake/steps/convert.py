@@ -6,7 +6,7 @@ import shutil
 import time
 from pathlib import Path
 
-from glmsnake import atomic, staleness
+from glmsnake import atomic, publish, staleness
 from glmsnake.config import Workflow
 from glmsnake.convert import fp8
 from glmsnake.convert import torch_dist as td
@@ -40,7 +40,7 @@ def convert_torch_dist(wf: Workflow, sentinel: Path) -> None:
         task = td.WriterTask(plan, str(stage / td.RELEASE), None, {"hf_dir": str(paths.hf_dir)})
         tasks_per_node = cfg.writers_per_node
     else:
-        stage = atomic.temp_dir_for(final)
+        stage = publish.temp_dir_for(final)
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir(parents=True)
         task = slime_converter(wf, stage)
@@ -52,7 +52,7 @@ def convert_torch_dist(wf: Workflow, sentinel: Path) -> None:
         atomic.write_bytes(stage / td.TRACKER_NAME, td.RELEASE.encode())
     rel = td.verify_release(stage)
     info = td.describe_checkpoint(rel)
-    atomic.publish_dir(stage, final)
+    publish.publish_dir(stage, final)
     atomic.write_sentinel(
         sentinel, step="convert_torch_dist", settings=staleness.torch_dist(wf),
         backend=cfg.backend, hf_dir=str(paths.hf_dir), output=str(final),

@@ -6,7 +6,7 @@ import shutil
 import time
 from pathlib import Path
 
-from glmsnake import atomic, staleness
+from glmsnake import atomic, publish, staleness
 from glmsnake.config import Workflow
 from glmsnake.convert import torch_dist as td
 from glmsnake.convert.dcp_io import METADATA_NAME
@@ -17,10 +17,10 @@ def export_hf(wf: Workflow, sentinel: Path, run: str) -> None:
     run_paths = wf.paths.run(run)
     ckpt = td.find_checkpoint(run_paths.checkpoints)
     final = run_paths.hf
-    stage = atomic.temp_dir_for(final)
+    stage = publish.temp_dir_for(final)
     shutil.rmtree(stage, ignore_errors=True)
     summary = td.export_hf(ckpt, wf.paths.hf_dir, stage)
-    atomic.publish_dir(stage, final)
+    publish.publish_dir(stage, final)
     atomic.write_sentinel(
         sentinel, step="export_hf", settings=staleness.export_hf(wf, run), checkpoint=str(ckpt),
         metadata_sha256=atomic.sha256_file(ckpt / METADATA_NAME), output=str(final),
