@@ -64,6 +64,12 @@ def cmd_step(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from glmsnake.verify import verify
+
+    return verify(_workflow(args), args.target)
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     import json
 
@@ -119,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     st = with_config(sub.add_parser("status", help="training progress of a run"))
     st.add_argument("run", nargs="?")
     st.set_defaults(func=cmd_status)
+
+    v = with_config(sub.add_parser("verify", help="re-hash every output against its sentinel; name what differs"))
+    v.add_argument("target", nargs="?", help="weights, torch_dist, fp8, train or export (default: all)")
+    v.set_defaults(func=cmd_verify)
 
     sc = sub.add_parser("schema", help="print the JSON schema of config/config.yaml")
     sc.set_defaults(func=cmd_schema)

@@ -7,6 +7,7 @@ reaches torch_dist, save_interval never reaches train.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from glmsnake.config import Workflow
@@ -17,11 +18,29 @@ def weights(wf: Workflow) -> dict[str, Any]:
     key: dict[str, Any] = {"source": w.source, "allow_patterns": w.allow_patterns}
     if w.source == "tiny":
         key["architecture"] = wf.architecture()
+    if w.source.startswith("local:"):
+        key["identity"] = local_identity(Path(w.source.removeprefix("local:")).expanduser())
     return key
 
 
 def dataset(wf: Workflow, name: str) -> dict[str, Any]:
-    return wf.preset.datasets[name].model_dump(mode="json")
+    ds = wf.preset.datasets[name]
+    key = ds.model_dump(mode="json")
+    if ds.source.startswith("local:"):
+        key["identity"] = local_identity(Path(ds.source.removeprefix("local:")).expanduser())
+    return key
+
+
+def local_identity(path: Path) -> dict[str, Any] | None:
+    """Size and mtime of a local file, or of each file of a local folder: changed in place, they
+    change the key, so what was made from them is made again. (Stat only: hashing 700 GB on every
+    dry run is not an option; the step hashes what it records.) None when the path is missing,
+    which the step reports."""
+    try:
+        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+        return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+    except OSError:
+        return None
 
 
 def torch_dist(wf: Workflow) -> dict[str, Any]:

@@ -24,7 +24,7 @@ def wf(tmp_path_factory):
     wd = tmp_path_factory.mktemp("reruns")
     base = wd / "results"
 
-    def run(runs: str, *extra: str, check: bool = True):
+    def run(runs: str, *extra: str, check: bool = True):  # extra: more --config values, then other flags
         return snakemake(wd, "--profile", str(REPO / "profiles/local"), "all", "--config", f"base_dir={base}",
                          f"runs={{default: {{{runs}}}}}", *extra, check=check)
 
@@ -55,7 +55,7 @@ def test_a_longer_run_continues_from_the_last_checkpoint(wf):
     assert "localrule train_run" in out
     s = sentinel(base)
     assert s["final_iteration"] == 7 and s["lineage"]["resumed_from"] == 3 and s["lineage"]["set_aside"] is None
-    assert "the run is extended (rollout.num_rollout)" in s["lineage"]["decision"]
+    assert "the run's length changed (rollout.num_rollout)" in s["lineage"]["decision"]
     assert previous(base) == []
     assert exported(base) != first
 
@@ -164,3 +164,53 @@ def test_a_killed_attempts_log_is_kept_and_the_rerun_resumes(wf):
     rule_log = base / "logs/train.default.log"
     assert rule_log.read_text() == last.read_text()  # the rule's log is the last attempt, under both names
     assert f"this log is also {last}; earlier attempts: {logs}/" in rule_log.read_text()
+
+
+def test_damaged_outputs_are_named_by_verify_and_refused_by_the_steps_that_read_them(wf, tmp_path):
+    import subprocess
+    import sys
+
+    base, run = wf
+    damaged = [base / "tiny-glm4moe/model-00001-of-00003.safetensors",
+               base / "tiny-glm4moe_torch_dist/release/__0_0.distcp",
+               base / "tiny-glm4moe-FP8/model-00002-of-00003.safetensors",
+               base / "runs/default/hf/model-00001-of-00003.safetensors"]
+    for f in damaged:
+        with open(f, "r+b") as fh:
+            fh.truncate(f.stat().st_size - 10)
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"base_dir: {base}\n")
+    out = subprocess.run([sys.executable, "-m", "glmsnake.cli", "verify", "--configfile", str(cfg)],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 1, out.stdout + out.stderr
+    for f in damaged:
+        assert f"    {f}: {f.stat().st_size} bytes, {f.stat().st_size + 10} when it was made" in out.stdout
+    assert "fix: snakemake --profile <profile> --forcerun convert_fp8 all" in out.stdout
+    assert "train      " in out.stdout and "files as made" in out.stdout  # the checkpoint is intact
+    # A step that reads a damaged input refuses it before it starts, naming the file and the fix.
+    arch = "overrides={model: {num_layers: 4, moe_layer_freq: '[0]*1+[1]*3'}}"
+    step = run("rollout: {num_rollout: 24}, optimizer: {lr: 0.03}, train: {on_change: continue}", arch,
+               "--forcerun", "convert_fp8", check=False)
+    assert step.returncode != 0
+    assert f"the HF weights in {base / 'tiny-glm4moe'} changed since it was made" in step.stdout
+    assert f"{damaged[0]}: {damaged[0].stat().st_size} bytes" in step.stdout
+    assert "fix: regenerate it: snakemake --forcerun download_hf" in step.stdout
+
+
+def test_the_decision_table():
+    """steps/lineage.decide, case by case (the real runs above cover the moves)."""
+    from glmsnake.steps.lineage import decide
+
+    key = {"architecture": {"num_layers": 3}, "rollout": {"num_rollout": 8}, "optimizer": {"lr": 0.01}}
+
+    def with_(**groups):
+        return {**key, **{g: {**key[g], **v} for g, v in groups.items()}}
+
+    assert decide(key, key, "restart", 7).action == "resume"
+    assert decide(key, with_(rollout={"num_rollout": 16}), "restart", 7).action == "resume"
+    assert decide(key, with_(rollout={"num_rollout": 6}), "restart", 3).action == "resume"  # shorter, before the end
+    assert decide(key, with_(rollout={"num_rollout": 4}), "restart", 7).action == "set_aside"  # a checkpoint beyond it
+    assert decide(key, with_(optimizer={"lr": 0.02}), "restart", 7).action == "set_aside"
+    assert decide(key, with_(optimizer={"lr": 0.02}), "continue", 7).action == "resume"
+    assert decide(key, with_(architecture={"num_layers": 4}), "continue", 7).action == "set_aside"
+    assert decide(None, key, "restart", 7).action == "resume"  # checkpoints from before the record: adopted

@@ -9,6 +9,7 @@ are literals, never computed from glmsnake.staleness, so a staleness key that fo
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -22,9 +23,12 @@ AGGREGATES = {"all", "train", "weights", "torch_dist", "fp8"}
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_hf):
     """The whole DAG of the tiny preset, for real, with `local:` weights."""
+    import shutil
+
     wd = tmp_path_factory.mktemp("table")
     base = wd / "results"
-    weights = f"overrides={{weights: {{source: 'local:{tiny_hf}'}}}}"
+    local = shutil.copytree(tiny_hf, wd / "weights")  # its own copy: one test changes it in place
+    weights = f"overrides={{weights: {{source: 'local:{local}'}}}}"
     snakemake(wd, "--profile", str(REPO / "profiles/local"), "all", "--config", f"base_dir={base}", weights)
     return wd, base, weights
 
@@ -86,16 +90,32 @@ def test_other_weights_rebuild_everything(finished, tmp_path, tiny_hf):
     assert got == {"download_hf", "convert_torch_dist", "convert_fp8", *TRAIN}
 
 
-def test_sentinels_record_the_settings_that_made_them(finished, tiny_hf):
-    _, base, _ = finished
+def test_local_weights_changed_in_place_rebuild_everything(finished):
+    wd, _, _ = finished
+    shard = wd / "weights" / "model-00001-of-00003.safetensors"
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    try:
+        assert scheduled(finished) == {"download_hf", "convert_torch_dist", "convert_fp8", *TRAIN}
+    finally:
+        os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert scheduled(finished) == set()
+
+
+def test_sentinels_record_the_settings_that_made_them(finished):
+    wd, base, _ = finished
+    tiny_hf = wd / "weights"
 
     def settings(path: str) -> dict:
         return json.loads((base / path).read_text())["settings"]
 
-    assert settings("tiny-glm4moe/glmsnake.manifest.json") == {
+    weights = settings("tiny-glm4moe/glmsnake.manifest.json")
+    assert {k: v for k, v in weights.items() if k != "identity"} == {
         "source": f"local:{tiny_hf}",
         "allow_patterns": ["*.json", "*.safetensors", "*.py", "*.txt", "*.model", "*.jinja"],
     }
+    shard = "model-00001-of-00003.safetensors"
+    assert weights["identity"][shard] == [(tiny_hf / shard).stat().st_size, (tiny_hf / shard).stat().st_mtime_ns]
     assert settings("tiny-glm4moe-FP8/glmsnake.done.json") == {"strategy": "block", "block_size": [32, 32]}
     td = settings("tiny-glm4moe_torch_dist/glmsnake.done.json")
     assert set(td) == {"architecture"}

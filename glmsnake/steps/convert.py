@@ -6,7 +6,7 @@ import shutil
 import time
 from pathlib import Path
 
-from glmsnake import atomic, publish, staleness
+from glmsnake import atomic, contents, publish, staleness
 from glmsnake.config import Workflow
 from glmsnake.convert import fp8
 from glmsnake.convert import torch_dist as td
@@ -33,6 +33,7 @@ def convert_torch_dist(wf: Workflow, sentinel: Path) -> None:
     paths = wf.paths
     final = paths.torch_dist_dir
     t0 = time.monotonic()
+    check_hf_unchanged(wf)
     check_hf_config(td.read_hf_config(paths.hf_dir), wf.preset.model, str(paths.hf_dir))  # before any allocation
     if cfg.backend == "glmsnake":
         plan = td.plan_conversion(paths.hf_dir, wf.preset.model)
@@ -57,7 +58,7 @@ def convert_torch_dist(wf: Workflow, sentinel: Path) -> None:
         sentinel, step="convert_torch_dist", settings=staleness.torch_dist(wf),
         backend=cfg.backend, hf_dir=str(paths.hf_dir), output=str(final),
         writers=cfg.allocation.nodes * tasks_per_node,
-        job=job_record(rec), seconds=round(time.monotonic() - t0, 3), **info,
+        job=job_record(rec), seconds=round(time.monotonic() - t0, 3), contents=contents.record(final), **info,
     )
 
 
@@ -67,6 +68,7 @@ def convert_fp8(wf: Workflow, sentinel: Path) -> None:
     sentinel = Path(sentinel)
     if sentinel.exists():
         sentinel.unlink()  # a stale sentinel must not outlive the folder it describes
+    check_hf_unchanged(wf)
     result = fp8.convert(
         wf.paths.hf_dir, wf.paths.fp8_dir, strategy=f.strategy, block_size=f.block_size, workers=f.workers,
         device=f.device,
@@ -82,4 +84,12 @@ def convert_fp8(wf: Workflow, sentinel: Path) -> None:
         input_bytes=result.input_bytes,
         seconds=round(result.seconds, 3),
         converted=result.converted,
+        contents=contents.record(wf.paths.fp8_dir, hashes=result.shards),
     )
+
+
+def check_hf_unchanged(wf: Workflow) -> None:
+    """The HF folder still holds what download_hf recorded (names, sizes, small files' sha256)."""
+    manifest = atomic.read_json(wf.paths.hf_manifest)
+    contents.require_unchanged(wf.paths.hf_dir, manifest.get("files"), f"the HF weights in {wf.paths.hf_dir}",
+                               "download_hf")

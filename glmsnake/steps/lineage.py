@@ -5,7 +5,8 @@ of the settings its checkpoints were trained with. Before an attempt starts, the
 config is compared with it:
 
 - the same settings (a crash, a requeue, a time limit): resume from the latest checkpoint;
-- only `rollout.num_rollout` grew: the run is extended, resume;
+- only `rollout.num_rollout` changed, and no checkpoint lies beyond the new end: the run is made
+  longer or shorter, resume;
 - anything else changed: the earlier checkpoints and metrics move aside, whole, to
   `runs/<run>/previous/<settings hash>/` (never deleted), and training starts from the
   torch_dist weights. `train.on_change: continue` resumes instead, for any change but the
@@ -27,7 +28,7 @@ from glmsnake import atomic
 from glmsnake.paths import RunPaths
 
 RECORD = "glmsnake.settings.json"
-EXTENDS = {"rollout.num_rollout"}  # settings that only make a run longer
+LENGTH = {"rollout.num_rollout"}  # settings that only make a run longer or shorter
 
 
 def settings_hash(key: dict[str, Any]) -> str:
@@ -51,19 +52,20 @@ class Decision:
     moved_to: Path | None = None
 
 
-def _extends(old: dict[str, Any], new: dict[str, Any], diff: set[str]) -> bool:
-    return diff <= EXTENDS and new["rollout"]["num_rollout"] >= old["rollout"]["num_rollout"]
+def _only_length(new: dict[str, Any], diff: set[str], latest: int | None) -> bool:
+    return diff <= LENGTH and (latest is None or latest <= new["rollout"]["num_rollout"] - 1)
 
 
-def decide(old: dict[str, Any] | None, new: dict[str, Any], on_change: str) -> Decision:
+def decide(old: dict[str, Any] | None, new: dict[str, Any], on_change: str, latest: int | None = None) -> Decision:
+    """What an attempt does with checkpoints trained under `old` (the newest at iteration `latest`)."""
     if old is None:
         return Decision("resume", "checkpoints without a settings record: taken as this config's")
     diff = changed(old, new)
     if not diff:
         return Decision("resume", "same settings")
     names = ", ".join(sorted(diff))
-    if _extends(old, new, diff):
-        return Decision("resume", f"the run is extended ({names})")
+    if _only_length(new, diff, latest):
+        return Decision("resume", f"the run's length changed ({names})")
     if any(d == "architecture" or d.startswith("architecture.") for d in diff):
         return Decision("set_aside", f"the architecture changed ({names}); its checkpoints cannot be loaded")
     if on_change == "continue":
@@ -75,12 +77,12 @@ def prepare(run: RunPaths, key: dict[str, Any], on_change: str) -> Decision:
     """Before an attempt: resume, or move the earlier settings' files aside; then record `key`."""
     root = run.checkpoints
     record = root / RECORD
-    has_checkpoints = root.is_dir() and any(p.name.startswith("iter_") for p in root.iterdir())
-    if not has_checkpoints:
+    iterations = sorted(int(p.name[5:]) for p in root.glob("iter_*") if p.name[5:].isdigit()) if root.is_dir() else []
+    if not iterations:
         decision = Decision("start", "no checkpoint yet")
     else:
         old = json.loads(record.read_text())["key"] if record.is_file() else None
-        decision = decide(old, key, on_change)
+        decision = decide(old, key, on_change, iterations[-1])
         if decision.action == "set_aside":
             decision = Decision("set_aside", decision.why, _move_aside(run, settings_hash(old)))
     atomic.write_json(record, {"key": key, "hash": settings_hash(key)})

@@ -19,10 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from glmsnake import atomic, recipe, staleness
+from glmsnake import atomic, contents, recipe, staleness
 from glmsnake.config import Workflow
 from glmsnake.errors import GlmsnakeError
 from glmsnake.launch import JobSpec, run_ray_job
+from glmsnake.convert.torch_dist import iter_dir_name
 from glmsnake.paths import TRACKER
 from glmsnake.steps import lineage
 from glmsnake.steps.common import allocation, cluster
@@ -72,6 +73,7 @@ def versions(run_backend: str, slime_dir: str | None) -> dict[str, str]:
 def train_run(wf: Workflow, sentinel: Path, run: str) -> None:
     r = wf.runs[run]
     t0 = time.monotonic()
+    check_inputs_unchanged(wf, run)
     key = staleness.train(wf, run)
     decision = lineage.prepare(wf.paths.run(run), key, r.train.on_change)
     moved = f"; the earlier checkpoints moved to {decision.moved_to}" if decision.moved_to else ""
@@ -112,6 +114,7 @@ def train_run(wf: Workflow, sentinel: Path, run: str) -> None:
         raise GlmsnakeError(f"run {run}: training ended at checkpoint {final}, expected iteration {want}",
                             "rerun the step; it resumes from that checkpoint")
     run_paths = settings.paths
+    final_folder = ckroot / iter_dir_name(final)
     records = metrics.read(run_paths.metrics)
     if records:
         metrics.plot(records, run_paths.plot, run)
@@ -120,12 +123,27 @@ def train_run(wf: Workflow, sentinel: Path, run: str) -> None:
         backend=r.train.backend, config_hash=wf.config_hash(run), final_iteration=final,
         checkpoints=checkpoints.iterations(ckroot) if r.train.backend == "local" else [final],
         checkpoint_dir=str(ckroot), metrics=str(run_paths.metrics), plot=str(run_paths.plot),
+        final_checkpoint=str(final_folder), final_checkpoint_contents=contents.record(final_folder),
         metrics_summary=metrics.summary(records), versions=versions(r.train.backend, r.train.slime_dir),
         job=job, seconds=round(time.monotonic() - t0, 3),
         # Which checkpoints the result came from: resumed (from which), or started afresh.
         lineage={"settings_hash": lineage.settings_hash(key), "resumed_from": resumed_from,
                  "decision": decision.why, "set_aside": str(decision.moved_to) if decision.moved_to else None},
     )
+
+
+def check_inputs_unchanged(wf: Workflow, run: str) -> None:
+    """What training reads still is what its producers recorded, before anything is allocated."""
+    from glmsnake.steps.convert import check_hf_unchanged
+
+    check_hf_unchanged(wf)
+    paths = wf.paths
+    sentinels = [(paths.torch_dist_dir, paths.torch_dist_sentinel, "convert_torch_dist")]
+    if wf.runs[run].serves_fp8:
+        sentinels.append((paths.fp8_dir, paths.fp8_sentinel, "convert_fp8"))
+    for folder, sentinel, rule in sentinels:
+        recorded = atomic.read_json(sentinel).get("contents")
+        contents.require_unchanged(folder, recorded, f"{folder}", rule)
 
 
 def tracker_iteration(root: Path) -> int | None:
