@@ -9,12 +9,14 @@ from snakemake.utils import min_version, validate
 min_version("9.20")
 
 from glmsnake import base_lock, resolve, staleness
+from glmsnake.parallel_layout import check_launcher
 
 
 configfile: "config/config.yaml"
 
 validate(config, "config/config.schema.json")  # exported from glmsnake.config (`glmsnake schema`)
 WF = resolve.load(config)
+check_launcher(WF)  # slime on the local launcher: refused before the first download
 PATHS = WF.paths
 # Steps resolve the same config from the environment, on this host and on Slurm nodes alike.
 resolve.export_to_env(config, workflow.configfiles)

@@ -51,7 +51,7 @@ def populate(base: Path, total_gb: int) -> int:
 
 def time_dry_run(workdir: Path, base: Path) -> float:
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile",
-           str(REPO / "config/config.yaml"), "-n", "train", "--config", f"base_dir={base}", f"preset={PRESET}"]
+           str(REPO / "config/config.yaml"), "-n", "train", "--config", f"base_dir={base}", f"preset={PRESET}", "launcher=slurm"]
     t = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True)
     return time.perf_counter() - t

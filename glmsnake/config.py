@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -188,6 +189,7 @@ class Preset(TrainingGroups):
 
 
 RUN_KEYS = tuple(TrainingGroups.model_fields)
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class UserConfig(Strict):
@@ -200,12 +202,23 @@ class UserConfig(Strict):
     overrides: dict[str, Any] = {}
     slurm: Slurm = Slurm()
 
+    @field_validator("base_dir")
+    @classmethod
+    def _base_dir(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("base_dir is empty; name the folder for weights, data and runs (e.g. results)")
+        return v
+
     @field_validator("runs")
     @classmethod
     def _run_names(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if not v:
+            raise ValueError("no runs: name at least one, e.g. `runs: {default: {}}`")
         for name, ov in v.items():
-            if not name or "/" in name or name.startswith("."):
-                raise ValueError(f"run name {name!r} must be a plain folder name")
+            # A run name is a folder, a Snakemake wildcard value and a shell word: keep it plain.
+            if not RUN_NAME.fullmatch(str(name)):
+                raise ValueError(f"run name {name!r} may hold only letters, digits, '_', '-' and '.', "
+                                 "and must start with a letter or digit")
             if ov is not None and not isinstance(ov, dict):
                 raise ValueError(f"runs.{name} must be a mapping of overrides (or empty)")
             bad = set(ov or {}) - set(RUN_KEYS)

@@ -125,8 +125,28 @@ def check_run(preset: "Preset", run: "Run") -> list[tuple[str, str]]:
     return out
 
 
+def check_model(preset: "Preset") -> list[tuple[str, str]]:
+    """MODEL args that make no GLM-4-MoE: caught here, not as a ZeroDivisionError in conversion."""
+    m = preset.model
+    out = []
+    if m.num_attention_heads % m.num_query_groups:
+        out.append((f"num_query_groups={m.num_query_groups} does not divide num_attention_heads={m.num_attention_heads}",
+                    f"set num_query_groups to one of {_divisors(m.num_attention_heads)}"))
+    if m.moe_router_topk > m.num_experts:
+        out.append((f"moe_router_topk={m.moe_router_topk} is more than the {m.num_experts} experts",
+                    f"set moe_router_topk <= {m.num_experts}"))
+    if m.moe_shared_expert_intermediate_size % m.moe_ffn_hidden_size:
+        out.append((f"moe_shared_expert_intermediate_size={m.moe_shared_expert_intermediate_size} is not a multiple "
+                    f"of moe_ffn_hidden_size={m.moe_ffn_hidden_size} (GLM-4-MoE's shared experts are whole experts)",
+                    f"set it to a multiple of {m.moe_ffn_hidden_size}"))
+    return out
+
+
 def check_workflow(wf: "Workflow") -> None:
     problems: list[str] = []
+    for problem, fix in check_model(wf.preset):
+        problems.append(f"model: {problem}\n    fix: {fix}")
+
     try:
         parse_layer_freq(wf.preset.model.moe_layer_freq, wf.preset.model.num_layers)
     except ValueError as e:
@@ -134,5 +154,17 @@ def check_workflow(wf: "Workflow") -> None:
     for name, run in wf.runs.items():
         for problem, fix in check_run(wf.preset, run):
             problems.append(f"runs.{name}: {problem}\n    fix: {fix}")
+    if problems:
+        raise GlmsnakeError("impossible configuration:\n  " + "\n  ".join(problems), "see each fix above")
+
+
+def check_launcher(wf: "Workflow") -> None:
+    """For a workflow that will run (the Snakefile; `render` only shows): each run's backend can run
+    on its launcher. slime needs the GPU cluster; found here, not after the downloads and conversions."""
+    problems = [
+        f"runs.{name}: train.backend slime runs slime's train.py on GPU nodes, but the launcher is "
+        f"{wf.user.launcher!r}\n    fix: run with --profile slurm (launcher: slurm), or set train.backend: local"
+        for name, run in wf.runs.items() if run.train.backend == "slime" and wf.user.launcher != "slurm"
+    ]
     if problems:
         raise GlmsnakeError("impossible configuration:\n  " + "\n  ".join(problems), "see each fix above")

@@ -30,7 +30,10 @@ def reasons_of(dry_run_output: str, rule: str) -> list[str]:
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_dry_run_of_train_lists_every_step_with_a_reason(tmp_path, preset):
-    out = snakemake(tmp_path, "-n", "train", "--config", f"base_dir={tmp_path / 'base'}", f"preset={preset}").stdout
+    # The 355B preset trains with slime, which runs only on the Slurm launcher.
+    launcher = "launcher=slurm" if preset != "tiny" else "launcher=local"
+    out = snakemake(tmp_path, "-n", "train", "--config", f"base_dir={tmp_path / 'base'}", f"preset={preset}",
+                    launcher).stdout
     jobs = jobs_of(out)
     assert jobs == {"download_hf": 1, "download_dataset": 2, "convert_torch_dist": 1, "train_run": 1, "train": 1}
     assert reasons_of(out, "download_hf") == [f"Missing output files: {tmp_path / 'base'}/{'tiny-glm4moe' if preset == 'tiny' else 'GLM-4.7-355B-A32B'}/glmsnake.manifest.json"]
@@ -39,8 +42,18 @@ def test_dry_run_of_train_lists_every_step_with_a_reason(tmp_path, preset):
 
 def test_fp8_rollout_makes_train_depend_on_fp8(tmp_path):
     out = snakemake(tmp_path, "-n", "train", "--config", f"base_dir={tmp_path / 'b'}", "preset=glm4.7-355b-64xh100",
+                    "launcher=slurm",
                     "runs={r: {features: {fp8_rollout: true}}}").stdout
     assert jobs_of(out)["convert_fp8"] == 1
+
+
+def test_slime_on_the_local_launcher_is_refused_before_any_job(tmp_path):
+    out = snakemake(tmp_path, "-n", "train", "--config", f"base_dir={tmp_path / 'b'}", "preset=glm4.7-355b-64xh100",
+                    check=False)
+    assert out.returncode != 0
+    assert "runs.default: train.backend slime runs slime's train.py on GPU nodes, but the launcher is 'local'" in out.stdout
+    assert "fix: run with --profile slurm (launcher: slurm), or set train.backend: local" in out.stdout
+    assert not (tmp_path / "b").exists()
 
 
 def test_lint_reports_nothing(tmp_path):
@@ -138,7 +151,8 @@ def test_plan_shows_allocations_and_snakemakes_reasons(tmp_path):
 
     proc = subprocess.run(
         [sys.executable, "-m", "glmsnake.cli", "plan", "train", "--configfile", str(REPO / "config/config.yaml"),
-         "--snakemake-args", "-d", str(tmp_path), "--config", f"base_dir={tmp_path / 'b'}", "preset=glm4.7-355b-64xh100"],
+         "--snakemake-args", "-d", str(tmp_path), "--config", f"base_dir={tmp_path / 'b'}", "preset=glm4.7-355b-64xh100",
+         "launcher=slurm"],
         capture_output=True, text=True, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr

@@ -8,9 +8,9 @@ Unknown keys are rejected, so a typo in a preset is an error, not a silent no-op
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 Scalar = int | float | str
 Value = bool | Scalar | list[Scalar] | None
@@ -50,12 +50,12 @@ class ModelArgs(FlagGroup):
     disable_bias_linear: bool = False
     qk_layernorm: bool = False
     group_query_attention: bool = False
-    num_attention_heads: int
-    num_query_groups: int
-    kv_channels: int
-    num_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
+    num_attention_heads: PositiveInt
+    num_query_groups: PositiveInt
+    kv_channels: PositiveInt
+    num_layers: PositiveInt
+    hidden_size: PositiveInt
+    ffn_hidden_size: PositiveInt
     add_qkv_bias: bool = False
     normalization: str = "RMSNorm"
     norm_epsilon: float | None = None
@@ -63,25 +63,25 @@ class ModelArgs(FlagGroup):
     rotary_percent: float = 1.0
     swiglu: bool = False
     untie_embeddings_and_output_weights: bool = False
-    vocab_size: int
+    vocab_size: PositiveInt
     rotary_base: int | float
-    moe_ffn_hidden_size: int
-    moe_shared_expert_intermediate_size: int
+    moe_ffn_hidden_size: PositiveInt
+    moe_shared_expert_intermediate_size: NonNegativeInt
     moe_router_pre_softmax: bool = False
     moe_router_score_function: str = "sigmoid"
     moe_router_enable_expert_bias: bool = False
     moe_router_bias_update_rate: float | None = None
     moe_router_load_balancing_type: str | None = None
     moe_token_dispatcher_type: str | None = None
-    moe_router_topk: int
+    moe_router_topk: PositiveInt
     moe_router_topk_scaling_factor: float | None = None
     moe_layer_freq: str
-    num_experts: int
+    num_experts: PositiveInt
     moe_grouped_gemm: bool = False
     moe_router_dtype: str | None = None
     moe_permute_fusion: bool = False
     moe_aux_loss_coeff: float | None = None
-    mtp_num_layers: int | None = None
+    mtp_num_layers: NonNegativeInt | None = None
 
     @property
     def dense_layers(self) -> list[int]:
@@ -133,24 +133,24 @@ class RolloutArgs(FlagGroup):
     apply_chat_template: bool = False
     rollout_shuffle: bool = False
     rm_type: str | None = None
-    num_rollout: int
-    rollout_batch_size: int
-    n_samples_per_prompt: int
-    rollout_max_response_len: int
-    rollout_temperature: float = 1.0
-    over_sampling_batch_size: int | None = None
+    num_rollout: PositiveInt
+    rollout_batch_size: PositiveInt
+    n_samples_per_prompt: PositiveInt
+    rollout_max_response_len: PositiveInt
+    rollout_temperature: NonNegativeFloat = 1.0
+    over_sampling_batch_size: PositiveInt | None = None
     dynamic_sampling_filter_path: str | None = None
-    num_steps_per_rollout: int = 1
+    num_steps_per_rollout: PositiveInt = 1
     balance_data: bool = False
     rollout_stop_token_ids: list[int] | None = None
     rollout_seed: int | None = None
 
 
 class EvalArgs(FlagGroup):
-    eval_interval: int | None = None
-    n_samples_per_eval_prompt: int = 1
-    eval_max_response_len: int | None = None
-    eval_top_p: float | None = None
+    eval_interval: PositiveInt | None = None
+    n_samples_per_eval_prompt: PositiveInt = 1
+    eval_max_response_len: PositiveInt | None = None
+    eval_top_p: Annotated[float, Field(gt=0, le=1)] | None = None
 
 
 class PerfArgs(FlagGroup):
@@ -164,31 +164,31 @@ class PerfArgs(FlagGroup):
     expert_tensor_parallel_size: int = 1
     recompute_granularity: str | None = None
     recompute_method: str | None = None
-    recompute_num_layers: int | None = None
+    recompute_num_layers: PositiveInt | None = None
     use_dynamic_batch_size: bool = False
-    max_tokens_per_gpu: int | None = None
-    micro_batch_size: int | None = None
+    max_tokens_per_gpu: PositiveInt | None = None
+    micro_batch_size: PositiveInt | None = None
 
 
 class GrpoArgs(FlagGroup):
     advantage_estimator: str = "grpo"
     use_kl_loss: bool = False
-    kl_loss_coef: float = 0.0
+    kl_loss_coef: NonNegativeFloat = 0.0
     kl_loss_type: str | None = None
-    kl_coef: float = 0.0
-    entropy_coef: float = 0.0
-    eps_clip: float = 0.2
-    eps_clip_high: float | None = None
+    kl_coef: NonNegativeFloat = 0.0
+    entropy_coef: NonNegativeFloat = 0.0
+    eps_clip: PositiveFloat = 0.2
+    eps_clip_high: PositiveFloat | None = None
     use_tis: bool = False
 
 
 class OptimizerArgs(FlagGroup):
     optimizer: str = "adam"
-    lr: float
+    lr: PositiveFloat
     lr_decay_style: str = "constant"
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.98
+    weight_decay: NonNegativeFloat = 0.0
+    adam_beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    adam_beta2: Annotated[float, Field(ge=0, lt=1)] = 0.98
     optimizer_cpu_offload: bool = False
     overlap_cpu_optimizer_d2h_h2d: bool = False
     use_precision_aware_optimizer: bool = False
@@ -199,7 +199,7 @@ class SglangArgs(FlagGroup):
 
     prefix: ClassVar[str] = "--sglang-"
     rollout_num_gpus_per_engine: int = 1
-    mem_fraction_static: float | None = None
+    mem_fraction_static: Annotated[float, Field(gt=0, le=1)] | None = None
     enable_dp_attention: bool = False
     dp_size: int | None = None
     ep_size: int | None = None
