@@ -316,3 +316,26 @@ def test_killed_run_resumes_from_its_checkpoint_then_step_and_export(base, learn
     model = AutoModelForCausalLM.from_pretrained(wf.paths.run("resumed").root / "hf")
     ids = torch.tensor([[86, 68, 92, 3, 70, 29]])  # "say c:"
     assert torch.isfinite(model(ids).logits).all()
+
+
+def test_a_damaged_checkpoint_is_named_and_set_aside_so_the_resume_uses_the_one_before(learned, tmp_path):
+    import shutil
+
+    s, _, _ = learned
+    root = shutil.copytree(s.checkpoint_root, tmp_path / "checkpoints")
+    assert checkpoints.latest(root) == 31
+    shard = root / "iter_0000031" / "__0_0.distcp"
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 100)
+    state = root / "iter_0000027" / checkpoints.TRAINER_STATE
+    with open(state, "r+b") as f:
+        f.truncate(state.stat().st_size // 2)
+    moved = checkpoints.set_aside_damaged(root)
+    assert [(i, d) for i, _, d in moved] == [(31, root / "damaged/iter_0000031"), (27, root / "damaged/iter_0000027")]
+    size = (root / "damaged/iter_0000031/__0_0.distcp").stat().st_size
+    [problem] = moved[0][1]
+    assert problem.startswith(f"{shard}: {size} bytes, its index needs ") and int(problem.split()[-1]) > size
+    assert moved[1][1] == [f"{state}: truncated or not a torch checkpoint"]
+    assert checkpoints.latest(root) == 23 and (root / "latest_checkpointed_iteration.txt").read_text() == "23"
+    assert (root / "damaged/iter_0000031/__0_0.distcp").is_file()  # moved, never deleted
+    assert checkpoints.set_aside_damaged(root) == []  # the intact ones stay

@@ -241,6 +241,27 @@ def read_metadata(folder: Path) -> Metadata:
     return FileSystemReader(str(folder)).read_metadata()
 
 
+def damaged_files(folder: Path) -> list[str]:
+    """What is wrong with a DCP checkpoint's files, read from its index alone (no payload is read):
+    an unreadable index, a data file that is missing or shorter than the index says (truncated)."""
+    folder = Path(folder)
+    try:
+        md = read_metadata(folder)
+    except Exception as e:  # noqa: BLE001 - any failure to read the index makes the checkpoint unusable
+        return [f"{folder / METADATA_NAME}: unreadable ({type(e).__name__}: {str(e)[:200]})"]
+    need: dict[str, int] = {}
+    for info in (md.storage_data or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    problems = []
+    for rel, end in sorted(need.items()):
+        path = folder / rel
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size < end:
+            problems.append(f"{path}: {path.stat().st_size} bytes, its index needs {end}")
+    return problems
+
+
 def tensor_index(md: Metadata) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """{fqn: (global shape, dtype)} of every tensor in a DCP checkpoint."""
     return {

@@ -80,6 +80,10 @@ def train_run(wf: Workflow, sentinel: Path, run: str) -> None:
     print(f"[glmsnake] train {run}: {decision.why}{moved}", flush=True)
     settings, settings_path = write_settings(wf, run)
     ckroot = settings.checkpoint_root
+    damaged = checkpoints.set_aside_damaged(ckroot)
+    for iteration, problems, dest in damaged:
+        print(f"[glmsnake] train {run}: checkpoint {iteration} is damaged, moved to {dest}; resuming from the one "
+              "before:\n    " + "\n    ".join(problems), flush=True)
     before = checkpoints.iterations(ckroot)
     resumed_from = (before[-1] if before else None) if r.train.backend == "local" else tracker_iteration(ckroot)
     print(f"[glmsnake] train {run}: backend {r.train.backend}, launcher {wf.user.launcher}, "
@@ -128,7 +132,8 @@ def train_run(wf: Workflow, sentinel: Path, run: str) -> None:
         job=job, seconds=round(time.monotonic() - t0, 3),
         # Which checkpoints the result came from: resumed (from which), or started afresh.
         lineage={"settings_hash": lineage.settings_hash(key), "resumed_from": resumed_from,
-                 "decision": decision.why, "set_aside": str(decision.moved_to) if decision.moved_to else None},
+                 "decision": decision.why, "set_aside": str(decision.moved_to) if decision.moved_to else None,
+                 "damaged_set_aside": [str(dest) for _, _, dest in damaged]},
     )
 
 

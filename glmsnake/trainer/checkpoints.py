@@ -18,6 +18,7 @@ import io
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,7 +26,7 @@ import torch
 
 from glmsnake.atomic import fsync_dir, write_bytes
 from glmsnake.convert.torch_dist import COMMON_NAME, TRACKER_NAME, iter_dir_name, save_hf_state
-from glmsnake.convert.dcp_io import METADATA_NAME
+from glmsnake.convert.dcp_io import METADATA_NAME, damaged_files
 
 TRAINER_STATE = "glmsnake_trainer_state.pt"
 _ITER = re.compile(r"^iter_(\d{7})$")
@@ -80,6 +81,39 @@ def save(root: Path, iteration: int, hf_state: Mapping[str, torch.Tensor], hf_co
     write_bytes(root / TRACKER_NAME, str(iteration).encode())
     shutil.rmtree(stage_root, ignore_errors=True)
     return final
+
+
+def set_aside_damaged(root: Path) -> list[tuple[int, list[str], Path]]:
+    """Before a resume: the newest checkpoints whose files are damaged move to `<root>/damaged/`
+    (never deleted), newest first until an intact one, and the tracker names that one. A damaged
+    checkpoint would fail every resume the same way; the run resumes from the one before instead.
+    Works for slime's checkpoints too (the same torch_dist layout). Returns (iteration, problems,
+    where it went)."""
+    root = Path(root)
+    moved = []
+    for folder in sorted((p for p in root.glob("iter_*") if _ITER.match(p.name) and p.is_dir()), reverse=True):
+        problems = damaged_files(folder)
+        state = folder / TRAINER_STATE
+        if state.is_file() and not zipfile.is_zipfile(state):  # torch.save's zip: its directory is at the end
+            problems.append(f"{state}: truncated or not a torch checkpoint")
+        if not problems:
+            break
+        dest = root / "damaged" / folder.name
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = root / "damaged" / f"{folder.name}-{n}"
+        dest.parent.mkdir(exist_ok=True)
+        os.rename(folder, dest)
+        moved.append((int(folder.name[5:]), problems, dest))
+    if moved:
+        remaining = sorted(int(p.name[5:]) for p in root.glob("iter_*") if _ITER.match(p.name))
+        tracker = root / TRACKER_NAME
+        if remaining:
+            write_bytes(tracker, str(remaining[-1]).encode())
+        else:
+            tracker.unlink(missing_ok=True)
+    return moved
 
 
 def load_trainer_state(root: Path, iteration: int) -> dict[str, Any]:
