@@ -161,3 +161,24 @@ def test_plan_shows_allocations_and_snakemakes_reasons(tmp_path):
     assert "train_run" in out and "8 x 8 GPU (submitit + Ray)" in out
     assert "Missing output files" in out
     assert not (tmp_path / "b").exists()
+
+
+def test_a_local_dataset_fixed_in_place_is_copied_again(tmp_path):
+    data = tmp_path / "my prompts.jsonl"
+    data.write_text('{"prompt": "1+1=", "label": "3"}\n')
+    base = tmp_path / "base"
+    cfg = ["--config", f"base_dir={base}", f"overrides={{datasets: {{prompt: {{source: 'local:{data}'}}}}}}"]
+
+    def run(*flags: str):
+        return snakemake(tmp_path, *flags, "--profile", str(REPO / "profiles/local"), "weights", *cfg).stdout
+
+    run()
+    copy = base / "data/prompt.jsonl"
+    assert copy.read_text() == data.read_text()
+    assert jobs_of(run("-n")) == {}
+    data.write_text('{"prompt": "1+1=", "label": "2"}\n')  # the fix, in place
+    out = run("-n")
+    assert jobs_of(out) == {"download_dataset": 1, "weights": 1}
+    assert any("Params have changed" in r for r in reasons_of(out, "download_dataset"))
+    run()
+    assert json.loads(copy.read_text())["label"] == "2"
