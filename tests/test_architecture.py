@@ -54,7 +54,8 @@ def imports(path: Path, *, top_level_only: bool) -> set[str]:
                     add(a.name)
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 for a in node.names:  # `from glmsnake.x import y` may name a module y
-                    add(f"{node.module}.{a.name}") if f"{node.module}.{a.name}" in known else add(node.module)
+                    sub = f"{node.module}.{a.name}"
+                    add(sub if sub in known else node.module)
             elif isinstance(node, ast.If):
                 if not (top_level_only and _is_type_checking(node)):
                     visit(node.body)
