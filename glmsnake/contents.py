@@ -60,6 +60,16 @@ def differences(folder: Path, recorded: dict[str, Any], *, full: bool = False) -
     return problems
 
 
+def recorded_in(sentinel: Path, field: str) -> dict[str, Any] | None:
+    """What a producer's sentinel recorded; None where there is no sentinel (a step run by hand)."""
+    import json
+
+    try:
+        return json.loads(Path(sentinel).read_text()).get(field)
+    except FileNotFoundError:
+        return None
+
+
 def require_unchanged(folder: Path, recorded: dict[str, Any] | None, what: str, rule: str) -> None:
     """Before a step reads `folder`: refuse a changed or damaged input, naming each file."""
     if recorded is None:

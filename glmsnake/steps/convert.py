@@ -90,6 +90,5 @@ def convert_fp8(wf: Workflow, sentinel: Path) -> None:
 
 def check_hf_unchanged(wf: Workflow) -> None:
     """The HF folder still holds what download_hf recorded (names, sizes, small files' sha256)."""
-    manifest = atomic.read_json(wf.paths.hf_manifest)
-    contents.require_unchanged(wf.paths.hf_dir, manifest.get("files"), f"the HF weights in {wf.paths.hf_dir}",
-                               "download_hf")
+    contents.require_unchanged(wf.paths.hf_dir, contents.recorded_in(wf.paths.hf_manifest, "files"),
+                               f"the HF weights in {wf.paths.hf_dir}", "download_hf")

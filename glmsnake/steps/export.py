@@ -16,7 +16,7 @@ from glmsnake.errors import GlmsnakeError
 def export_hf(wf: Workflow, sentinel: Path, run: str) -> None:
     t0 = time.monotonic()
     run_paths = wf.paths.run(run)
-    trained = atomic.read_json(run_paths.sentinel)
+    trained = atomic.read_json(run_paths.sentinel) if run_paths.sentinel.is_file() else {}
     ckpt = td.find_checkpoint(run_paths.checkpoints)
     if "final_checkpoint" in trained:  # the checkpoint the training result names, unchanged
         contents.require_unchanged(ckpt, trained["final_checkpoint_contents"], f"checkpoint {ckpt}", "train_run")

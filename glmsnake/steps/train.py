@@ -147,8 +147,7 @@ def check_inputs_unchanged(wf: Workflow, run: str) -> None:
     if wf.runs[run].serves_fp8:
         sentinels.append((paths.fp8_dir, paths.fp8_sentinel, "convert_fp8"))
     for folder, sentinel, rule in sentinels:
-        recorded = atomic.read_json(sentinel).get("contents")
-        contents.require_unchanged(folder, recorded, f"{folder}", rule)
+        contents.require_unchanged(folder, contents.recorded_in(sentinel, "contents"), f"{folder}", rule)
 
 
 def tracker_iteration(root: Path) -> int | None:
