@@ -141,7 +141,9 @@ def test_every_module_imports_alone():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-POINTING_OUTSIDE = re.compile(r"design section|design\.md|\.\./shared|\bissue #?\d+", re.IGNORECASE)
+# Spelled in pieces, so this file does not match itself.
+POINTING_OUTSIDE = re.compile("|".join(["design" + r" section", "design" + r"\.md", r"\.\./" + "shared",
+                                        r"\bissue" + r" #?\d+"]), re.IGNORECASE)
 
 
 def test_no_code_points_outside_the_repository():
@@ -149,7 +151,7 @@ def test_no_code_points_outside_the_repository():
              *(REPO / "rules").rglob("*.smk"), REPO / "Snakefile"]
     hits = [f"{p.relative_to(REPO)}:{i}: {line.strip()}" for p in files
             for i, line in enumerate(p.read_text().splitlines(), 1)
-            if POINTING_OUTSIDE.search(line) and p.name != "test_architecture.py"]
+            if POINTING_OUTSIDE.search(line)]
     assert hits == []
 
 

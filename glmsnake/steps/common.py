@@ -1,9 +1,10 @@
-"""What the steps share: the launcher's explicit parameters from the config, and job records."""
+"""What the steps share: the launcher's explicit parameters from the config, job records, input checks."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from glmsnake import contents
 from glmsnake.config import Allocation as AllocationConfig
 from glmsnake.config import Workflow
 from glmsnake.launch.spec import Allocation, Cluster, ContainerSettings, SlurmSettings
@@ -35,3 +36,9 @@ def job_record(rec: Any) -> dict[str, Any]:
         if v is not None:
             out[k] = v if isinstance(v, (str, int, list)) else str(v)
     return out
+
+
+def check_hf_unchanged(wf: Workflow) -> None:
+    """The HF folder still holds what download_hf recorded (names, sizes, small files' sha256)."""
+    contents.require_unchanged(wf.paths.hf_dir, contents.recorded_in(wf.paths.hf_manifest, "files"),
+                               f"the HF weights in {wf.paths.hf_dir}", "download_hf")

@@ -13,7 +13,7 @@ from glmsnake.convert import torch_dist as td
 from glmsnake.convert.arch import check_hf_config
 from glmsnake.convert.slime_converter import SlimeConverter
 from glmsnake.launch import JobSpec, run_job
-from glmsnake.steps.common import allocation, cluster, job_record
+from glmsnake.steps.common import allocation, check_hf_unchanged, cluster, job_record
 
 JOB = "convert_torch_dist"
 
@@ -86,9 +86,3 @@ def convert_fp8(wf: Workflow, sentinel: Path) -> None:
         converted=result.converted,
         contents=contents.record(wf.paths.fp8_dir, hashes=result.shards),
     )
-
-
-def check_hf_unchanged(wf: Workflow) -> None:
-    """The HF folder still holds what download_hf recorded (names, sizes, small files' sha256)."""
-    contents.require_unchanged(wf.paths.hf_dir, contents.recorded_in(wf.paths.hf_manifest, "files"),
-                               f"the HF weights in {wf.paths.hf_dir}", "download_hf")

@@ -26,7 +26,7 @@ from glmsnake.launch import JobSpec, run_ray_job
 from glmsnake.convert.torch_dist import iter_dir_name
 from glmsnake.paths import TRACKER
 from glmsnake.steps import lineage
-from glmsnake.steps.common import allocation, cluster
+from glmsnake.steps.common import allocation, check_hf_unchanged, cluster
 from glmsnake.trainer import checkpoints, metrics, process
 from glmsnake.trainer.settings import TrainerSettings
 
@@ -139,8 +139,6 @@ def train_run(wf: Workflow, sentinel: Path, run: str) -> None:
 
 def check_inputs_unchanged(wf: Workflow, run: str) -> None:
     """What training reads still is what its producers recorded, before anything is allocated."""
-    from glmsnake.steps.convert import check_hf_unchanged
-
     check_hf_unchanged(wf)
     paths = wf.paths
     sentinels = [(paths.torch_dist_dir, paths.torch_dist_sentinel, "convert_torch_dist")]
