@@ -339,3 +339,20 @@ def test_a_damaged_checkpoint_is_named_and_set_aside_so_the_resume_uses_the_one_
     assert checkpoints.latest(root) == 23 and (root / "latest_checkpointed_iteration.txt").read_text() == "23"
     assert (root / "damaged/iter_0000031/__0_0.distcp").is_file()  # moved, never deleted
     assert checkpoints.set_aside_damaged(root) == []  # the intact ones stay
+
+
+def test_a_failed_driver_leaves_no_ray_temp_folder_and_keeps_rays_logs(base, tmp_path):
+    """The private Ray of a failed local run: its temp folder goes, its logs stay with the run."""
+    wf = resolve.load({"base_dir": str(base), "runs": {"broken": TINY_RUN}})
+    s = from_workflow(wf, "broken").replace(torch_dist_dir=str(tmp_path / "no such checkpoint"),
+                                           run_dir=str(tmp_path / "run"))
+    path = tmp_path / "settings.json"
+    path.write_text(s.to_json())
+    proc = subprocess.Popen(_driver_cmd(path), cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, out[-2000:]
+    assert not Path(f"/tmp/gsray{proc.pid}").exists()
+    kept = tmp_path / "run" / "logs" / f"ray-{proc.pid}"
+    assert kept.is_dir() and any(kept.rglob("raylet*")), out[-2000:]
+    assert f"[trainer] Ray's logs of this attempt: {kept}" in out

@@ -54,19 +54,32 @@ def main(argv: list[str] | None = None) -> int:
     from glmsnake.trainer.settings import TrainerSettings
 
     settings = TrainerSettings.from_json(Path(args.settings).read_text())
+    private = not (args.address or os.environ.get("RAY_ADDRESS"))
     init_ray(args.address, args.num_cpus)
     import ray
 
+    ok = False
     try:
         summary = Loop(settings, log=lambda m: print(m, flush=True)).run()
+        ok = summary.get("final_iteration") == settings.rollout.num_rollout - 1
     finally:
         ray.shutdown()
-    if not (args.address or os.environ.get("RAY_ADDRESS")):
-        import shutil
-
-        shutil.rmtree(local_ray_tmp(), ignore_errors=True)  # the private Ray's logs; kept on failure
+        if private:
+            remove_private_ray(None if ok else settings.paths.attempt_logs / f"ray-{os.getpid()}")
     print(SUMMARY_PREFIX + json.dumps(summary, sort_keys=True), flush=True)
-    return 0 if summary.get("final_iteration") == settings.rollout.num_rollout - 1 else 1
+    return 0 if ok else 1
+
+
+def remove_private_ray(keep_logs_in: Path | None) -> None:
+    """The private Ray's temp folder goes; after a failure its logs are kept in the run's log folder first."""
+    import shutil
+
+    tmp = Path(local_ray_tmp())
+    logs = tmp / "session_latest" / "logs"
+    if keep_logs_in is not None and logs.is_dir():
+        shutil.copytree(logs, keep_logs_in, dirs_exist_ok=True, ignore_dangling_symlinks=True)
+        print(f"[trainer] Ray's logs of this attempt: {keep_logs_in}", flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
