@@ -150,7 +150,9 @@ def hub_files(src: HubSource, allow_patterns: list[str] | None) -> tuple[str, di
             files[f.path] = meta
     if not files:
         raise GlmsnakeError(
-            f"no file of {src.repo_id}@{src.revision} matches {allow_patterns}", "widen weights.allow_patterns"
+            f"no file of {src.repo_id}@{src.revision} matches {allow_patterns}",
+            "name an existing file in the dataset's `file:` (its path inside the repo)" if src.repo_type == "dataset"
+            else "widen weights.allow_patterns"
         )
     return info.sha, dict(sorted(files.items()))
 

@@ -42,18 +42,66 @@ def download_dataset(wf: Workflow, output: Path, name: str) -> None:
         seed = wf.preset.train.seed + (0 if name == wf.preset.prompt_dataset else 1)
         atomic.write_bytes(output, "".join(json.dumps(r) + "\n" for r in tiny_prompts(seed)).encode())
         return
+    keys = dataset_keys(wf)
     if ds.source.startswith("local:"):
         path = Path(ds.source.removeprefix("local:")).expanduser()
+        if path.is_dir():
+            raise GlmsnakeError(f"dataset {name}: {path} is a folder, not a .jsonl file",
+                                "point the dataset's `local:` at the .jsonl file itself")
         if not path.is_file():
             raise GlmsnakeError(f"dataset {name}: {path} does not exist", "fix the dataset's `local:` path")
-        atomic.write_bytes(output, path.read_bytes())
+        data = path.read_bytes()
+        check_jsonl(data, path, keys, name)
+        atomic.write_bytes(output, data)
         return
     src = hub.HubSource.parse(ds.source)
     if not ds.file:
         raise GlmsnakeError(f"dataset {name} from the hub needs `file:`", "name the .jsonl file inside the repo")
     cache = output.parent / ".hub" / name
     manifest = hub.download_repo(src, cache, [ds.file])
+    check_jsonl((cache / ds.file).read_bytes(), cache / ds.file, keys, name)
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.copyfile(cache / ds.file, tmp)
     os.replace(tmp, output)
     atomic.write_json(output.with_suffix(".manifest.json"), manifest)
+
+
+def dataset_keys(wf: Workflow) -> set[str]:
+    """The row keys training reads: every run's rollout.input_key and label_key."""
+    return {k for r in wf.runs.values() for k in (r.rollout.input_key, r.rollout.label_key)}
+
+
+def check_jsonl(data: bytes, path: Path, keys: set[str], name: str, most: int = 10) -> None:
+    """A prompt set training can read: JSON objects, one a line, each with `keys`, at least one.
+    Checked before the dataset is published, so nothing downstream runs on a broken one."""
+    problems, rows = [], 0
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise GlmsnakeError(f"dataset {name}: {path} is not UTF-8 text (byte {e.start})",
+                            "save the file as UTF-8 JSON lines") from None
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"{path}:{i}: not JSON ({e.msg}, column {e.colno})")
+        else:
+            if not isinstance(row, dict):
+                problems.append(f"{path}:{i}: a JSON {type(row).__name__}, not an object")
+            elif missing := sorted(keys - row.keys()):
+                problems.append(f"{path}:{i}: no {', '.join(repr(k) for k in missing)} (it has {sorted(row)[:6]})")
+            else:
+                rows += 1
+        if len(problems) >= most:
+            problems.append("... (the first problems only)")
+            break
+    if not problems and rows == 0:
+        problems.append(f"{path}: no rows")
+    if problems:
+        raise GlmsnakeError(
+            f"dataset {name} cannot be used for training:\n    " + "\n    ".join(problems),
+            f"make each line a JSON object with {sorted(keys)} (the runs' rollout.input_key and label_key), "
+            "or set those keys to the file's own",
+        )
