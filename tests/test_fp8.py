@@ -566,3 +566,28 @@ def test_output_folder_holding_another_model_is_not_overwritten(tmp_path, tiny_h
     assert fp8.main(["--model-dir", str(tiny_hf), "--save-dir", str(foreign), "--device", "cpu"]) == 2
     assert snapshot(tmp_path / "other-model", foreign) == before
     assert not publish.temp_dir_for(other).exists() and not publish.temp_dir_for(foreign).exists()
+
+
+@pytest.mark.parametrize("case", ["mount point", "read-only"])
+def test_a_save_dir_that_cannot_take_the_result_is_refused_before_converting(tmp_path, tiny_hf, case):
+    """In a mount namespace of the test's own: a tmpfs mounted at --save-dir, or a read-only one above it."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        skip_or_fail("mounting a tmpfs needs root and util-linux's unshare")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    save = mnt if case == "mount point" else mnt / "fp8"
+    ro = ",ro" if case == "read-only" else ""
+    script = (f"mount -t tmpfs -o size=64m{ro} tmpfs {mnt} && "
+              f"{sys.executable} -m glmsnake.convert.fp8 --model-dir {tiny_hf} --save-dir {save} --device cpu")
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2, out.stdout + out.stderr
+    if case == "mount point":
+        assert f"--save-dir {save} is a mount point" in out.stderr and f"--save-dir {mnt / (tiny_hf.name + '-FP8')}" in out.stderr
+    else:
+        assert f"cannot write in {mnt} (Read-only file system)" in out.stderr
+    assert "convert-fp8: " not in out.stderr  # refused before the first shard
+    assert "Traceback" not in out.stderr

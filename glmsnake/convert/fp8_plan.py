@@ -12,6 +12,7 @@ so that every refusal happens before any file is opened for writing.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +154,18 @@ def _check_shard(model_dir: Path, shard: str, header: Header, indexed: set[str])
         )
 
 
+def _check_writable(folder: Path) -> None:
+    """The folder that gets the staging folder and the result, probed (root ignores mode bits)."""
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), folder)
+    probe = existing / f".glmsnake-probe-{os.getpid()}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise GlmsnakeError(f"cannot write in {existing} ({e.strerror}): the FP8 folder is staged and published there",
+                            "choose a --save-dir on a writable file system") from None
+
+
 def check_destination(save_dir: Path, model_dir: Path) -> None:
     """Refuse a destination that holds anything but an earlier conversion of this same model."""
     save_dir, model_dir = Path(save_dir).absolute(), Path(model_dir).absolute()
@@ -160,6 +173,12 @@ def check_destination(save_dir: Path, model_dir: Path) -> None:
         raise GlmsnakeError(
             f"--save-dir {save_dir} overlaps --model-dir {model_dir}", "write the FP8 checkpoint to its own folder"
         )
+    if os.path.ismount(save_dir):
+        raise GlmsnakeError(
+            f"--save-dir {save_dir} is a mount point: the finished folder is renamed onto it, which a mount refuses",
+            f"write into a folder inside it, e.g. --save-dir {save_dir / (model_dir.name + '-FP8')}",
+        )
+    _check_writable(save_dir.parent)
     if not save_dir.exists():
         return
     if not save_dir.is_dir():
