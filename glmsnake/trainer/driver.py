@@ -27,9 +27,10 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    # A private cluster on this machine only: a loopback address that Ray keeps as given
-    # (127.0.0.1 would be mapped to the interface address), one per process so that two
-    # runs trained at once never share a GCS address; no dashboard.
+    # A private cluster on this machine: its node address is a loopback one that Ray keeps as
+    # given (127.0.0.1 would be mapped to the interface address), one per process so that two
+    # runs trained at once never share a GCS address; no dashboard. Ray 2.60's C++ servers (GCS,
+    # raylet, workers) still listen on every address of the host; token auth guards them (README).
     ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,
              _node_ip_address=knobs.LOCAL_RAY_IP.raw() or local_ray_ip(os.getpid()),
              _temp_dir=local_ray_tmp())
