@@ -9,17 +9,19 @@ from snakemake.utils import min_version, validate
 min_version("9.20")
 
 from glmsnake import base_lock, resolve, staleness
-from glmsnake.parallel_layout import check_launcher
+
+
+resolve.check_yaml_file("config/config.yaml")  # Snakemake's own YAML error names no file or line
 
 
 configfile: "config/config.yaml"
 
+
+# Every check that needs no GPU, all problems at once, each with its fix; a mistake exits here,
+# before any job. Steps resolve the same config from the environment, on this host and on nodes.
+WF = resolve.for_snakefile(config, workflow.configfiles)
 validate(config, "config/config.schema.json")  # exported from glmsnake.config (`glmsnake schema`)
-WF = resolve.load(config)
-check_launcher(WF)  # slime on the local launcher: refused before the first download
 PATHS = WF.paths
-# Steps resolve the same config from the environment, on this host and on Slurm nodes alike.
-resolve.export_to_env(config, workflow.configfiles)
 
 
 onstart:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -35,11 +36,38 @@ class Strict(BaseModel):
 # --------------------------------------------------------------------------- sources
 
 
+HUB_SOURCE = re.compile(r"hf://(?P<datasets>datasets/)?[A-Za-z0-9][\w.-]*/[\w.-]+(@[^\s@]+)?")
+
+
+def _source(v: str, kind: str, example: str) -> str:
+    """`tiny`, `local:PATH` (relative paths start at the project folder) or a hub repo of the right kind."""
+    if v == "tiny" or (v.startswith("local:") and v.removeprefix("local:").strip()):
+        return v
+    m = HUB_SOURCE.fullmatch(v) if v.startswith("hf://") else None
+    if m is None:
+        raise ValueError(f"source {v!r} must be 'tiny', '{example}' or 'local:/path'")
+    if bool(m.group("datasets")) != (kind == "dataset"):
+        raise ValueError(f"source {v!r} is a {'dataset' if m.group('datasets') else 'model'} repo, "
+                         f"but this is a {kind}: write it as {example}")
+    return v
+
+
 class Dataset(Strict):
-    """A jsonl prompt set: `hf://owner/name@rev` (a hub dataset repo), `local:/path.jsonl`, or `tiny`."""
+    """A jsonl prompt set: `hf://datasets/owner/name@rev` (a hub dataset repo), `local:/path.jsonl`, or `tiny`."""
 
     source: str
     file: str | None = None  # the file inside a hub dataset repo
+
+    @field_validator("source")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        return _source(v, "dataset", "hf://datasets/owner/name@revision")
+
+    @model_validator(mode="after")
+    def _hub_file(self) -> "Dataset":
+        if self.source.startswith("hf://") and not self.file:
+            raise ValueError(f"a hub dataset ({self.source}) needs `file:`, the .jsonl file's path inside the repo")
+        return self
 
 
 class Weights(Strict):
@@ -51,9 +79,7 @@ class Weights(Strict):
     @field_validator("source")
     @classmethod
     def _known_scheme(cls, v: str) -> str:
-        if not (v == "tiny" or v.startswith("hf://") or v.startswith("local:")):
-            raise ValueError(f"source {v!r} must be 'tiny', 'hf://owner/name@revision' or 'local:/path'")
-        return v
+        return _source(v, "model", "hf://owner/name@revision")
 
 
 # --------------------------------------------------------------------------- steps
@@ -238,11 +264,17 @@ class Workflow(BaseModel):
     user: UserConfig
     preset: Preset
     runs: dict[str, Run]
+    project_dir: Path | None = None  # where a relative base_dir starts (resolve.project_dir); None: cwd
 
     @property
     def base(self) -> Path:
         # Absolute: every node of an allocation must see the same paths.
-        return Path(self.user.base_dir).expanduser().absolute()
+        start = self.project_dir or Path.cwd()
+        return Path(os.path.normpath(start / Path(self.user.base_dir).expanduser()))
+
+    def local_path(self, source: str) -> Path:
+        """The path of a `local:` source; a relative one starts where a relative base_dir does."""
+        return (self.project_dir or Path.cwd()) / Path(source.removeprefix("local:")).expanduser()
 
     @property
     def paths(self) -> Paths:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from glmsnake import atomic, publish
+from glmsnake import atomic, disk, publish
 from glmsnake.errors import GlmsnakeError
 
 if TYPE_CHECKING:
@@ -200,6 +200,9 @@ def download_repo(src: HubSource, dest: Path, allow_patterns: list[str] | None, 
     from huggingface_hub import snapshot_download
 
     commit, files = hub_files(src, allow_patterns)
+    have = {n: (dest / n).stat().st_size for n in files if (dest / n).is_file()}  # kept from an earlier try
+    disk.require_room(dest, sum(m["size"] - have.get(n, 0) for n, m in files.items()),
+                      f"downloading {src.repo_id}@{src.revision} ({len(files)} files)")
     dest.mkdir(parents=True, exist_ok=True)
     log.info("downloading %d files of %s@%s (commit %s) to %s", len(files), src.repo_id, src.revision, commit, dest)
     # Pinned to the commit we listed, so the files and their metadata agree.

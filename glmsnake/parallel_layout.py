@@ -1,6 +1,7 @@
 """Checks of the parallel layout and feature combinations, run before anything is allocated.
 
-Each check returns the problem and the fix; `check_workflow` raises them together,
+Each check returns the problem and the fix; `workflow_problems` lists them and `resolve.load`
+raises them together (with the input checks),
 so a user sees every mistake of a config in one go.
 """
 
@@ -142,7 +143,8 @@ def check_model(preset: "Preset") -> list[tuple[str, str]]:
     return out
 
 
-def check_workflow(wf: "Workflow") -> None:
+def workflow_problems(wf: "Workflow") -> list[str]:
+    """Every layout and model problem of a workflow, each with its fix."""
     problems: list[str] = []
     for problem, fix in check_model(wf.preset):
         problems.append(f"model: {problem}\n    fix: {fix}")
@@ -154,8 +156,7 @@ def check_workflow(wf: "Workflow") -> None:
     for name, run in wf.runs.items():
         for problem, fix in check_run(wf.preset, run):
             problems.append(f"runs.{name}: {problem}\n    fix: {fix}")
-    if problems:
-        raise GlmsnakeError("impossible configuration:\n  " + "\n  ".join(problems), "see each fix above")
+    return problems
 
 
 def check_launcher(wf: "Workflow") -> None:

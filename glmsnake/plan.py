@@ -59,10 +59,11 @@ def allocation_of(wf: config.Workflow, rule: str, wildcards: str) -> str:
 
 def plan(targets: list[str], configfile: Path, snakemake_args: list[str]) -> tuple[config.Workflow, list[PlannedJob]]:
     wf = resolve.load_file(configfile, _config_overrides(snakemake_args))
-    # The repository's Snakefile, from any directory.
+    # The repository's Snakefile, from any directory, run in the config's project folder: where
+    # `snakemake` itself runs, so the plan reads the same .snakemake metadata.
     cmd = [sys.executable, "-m", "snakemake", "-n", *targets, "--snakefile", str(REPO_ROOT / "Snakefile"),
-           "--configfile", str(configfile), *snakemake_args]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+           "--configfile", str(Path(configfile).absolute()), *snakemake_args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=resolve.project_dir(configfile))
     if proc.returncode != 0:
         raise GlmsnakeError(f"snakemake dry run failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}", "fix the error above")
     return wf, parse_dry_run(proc.stdout + proc.stderr)

@@ -7,6 +7,10 @@ comes back as a `GlmsnakeError` naming the key and the fix, never a pydantic or 
 Steps get their config from the environment: the Snakefile exports the user config (and the
 files it came from) in GLMSNAKE_CONFIG, so a step resolves the same Workflow on any node (the
 slurm executor re-parses the Snakefile there with the same config), and says which in its log.
+
+A relative base_dir starts at the config file's project folder (`project_dir`): the folder
+that holds `config/config.yaml`, or the folder of a config file kept anywhere else. So
+`glmsnake status`, `plan` and `snakemake` agree on base_dir from whatever directory they run.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from pydantic import ValidationError
 
 from glmsnake import REPO_ROOT, knobs
 from glmsnake.config import RUN_KEYS, Preset, Run, UserConfig, Workflow
-from glmsnake.errors import GlmsnakeError
-from glmsnake.parallel_layout import check_workflow
+from glmsnake.errors import GlmsnakeError, refused_without_traceback
+from glmsnake.inputs import input_problems
+from glmsnake.parallel_layout import check_launcher, workflow_problems
 
 PRESET_DIR = REPO_ROOT / "config" / "presets"
 DEFAULT_CONFIG = REPO_ROOT / "config" / "config.yaml"
@@ -48,9 +53,19 @@ def find_config(path: str | Path | None) -> Path:
     )
 
 
+def project_dir(config_file: str | Path) -> Path:
+    """Where a relative base_dir starts: the folder above `config/` for `<project>/config/x.yaml`
+    (the Snakemake layout), else the config file's own folder."""
+    folder = Path(config_file).expanduser().absolute().parent
+    return folder.parent if folder.name == "config" else folder
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise GlmsnakeError(f"cannot read config file {path}: {e.strerror}",
+                            "pass --configfile PATH to a readable config.yaml") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -103,8 +118,11 @@ def _pretty(err: ValidationError, where: str) -> GlmsnakeError:
     )
 
 
-def load(user_config: dict[str, Any] | None) -> Workflow:
-    """Validate and resolve a user config (the dict Snakemake loaded from config/config.yaml)."""
+def load(user_config: dict[str, Any] | None, config_file: str | Path | None = None) -> Workflow:
+    """Validate and resolve a user config (the dict Snakemake loaded from config/config.yaml).
+
+    `config_file` is where it came from: a relative base_dir starts at its project_dir (else the cwd).
+    """
     raw = dict(user_config or {})
     try:
         user = UserConfig.model_validate(raw)
@@ -122,18 +140,42 @@ def load(user_config: dict[str, Any] | None) -> Workflow:
             runs[name] = Run.model_validate({"name": name, **deep_merge(base, ov)})
         except ValidationError as e:
             raise _pretty(e, f"runs.{name}") from None
-    wf = Workflow(user=user, preset=preset, runs=runs)
-    check_workflow(wf)
+    origin = project_dir(config_file) if config_file is not None else None
+    wf = Workflow(user=user, preset=preset, runs=runs, project_dir=origin)
+    problems = workflow_problems(wf) + [f"{p}\n    fix: {f}" for p, f in input_problems(wf)]
+    if problems:
+        raise GlmsnakeError("impossible configuration:\n  " + "\n  ".join(problems), "see each fix above")
     return wf
 
 
 def load_file(path: str | Path, extra: dict[str, Any] | None = None) -> Workflow:
-    return load(deep_merge(read_yaml(Path(path)), extra or {}))
+    return load(deep_merge(read_yaml(Path(path)), extra or {}), path)
 
 
-def export_to_env(config: dict[str, Any], files: list[str]) -> None:
-    """Called by the Snakefile: the config its steps resolve, with the files it was read from."""
-    os.environ[knobs.CONFIG.name] = json.dumps({"files": [str(f) for f in files], "config": config})
+def check_yaml_file(path: str | Path) -> None:
+    """Before Snakemake reads a config file: its own YAML error names neither the file nor the line."""
+    with refused_without_traceback():
+        if Path(path).is_file():
+            read_yaml(Path(path))
+
+
+def for_snakefile(config: dict[str, Any], configfiles: list) -> Workflow:
+    """The Snakefile's Workflow: every check that needs no GPU, then the config exported to its steps.
+
+    Snakemake lists a `--configfile` before the Snakefile's own `configfile:`; the first names
+    the project. A user mistake exits with its problem and fix, without a traceback.
+    """
+    files = [Path(f).absolute() for f in configfiles]
+    with refused_without_traceback():
+        wf = load(config, files[0] if files else None)
+        check_launcher(wf)  # slime on the local launcher: refused before the first download
+    export_to_env(config, files)
+    return wf
+
+
+def export_to_env(config: dict[str, Any], files: list) -> None:
+    """The config the Snakefile's steps resolve, with the files it was read from (absolute)."""
+    os.environ[knobs.CONFIG.name] = json.dumps({"files": [str(Path(f).absolute()) for f in files], "config": config})
 
 
 def from_env() -> tuple[Workflow, str]:
@@ -145,8 +187,9 @@ def from_env() -> tuple[Workflow, str]:
             "run steps through Snakemake, e.g. `snakemake --profile profiles/local train`",
         )
     doc = json.loads(raw)
-    wf = load(doc["config"])
-    files = ", ".join(doc.get("files") or []) or "(none)"
+    files = doc.get("files") or []
+    wf = load(doc["config"], files[0] if files else None)
+    files = ", ".join(files) or "(none)"
     return wf, f"[glmsnake] config: {files}; preset {wf.user.preset}, launcher {wf.user.launcher}, base_dir {wf.base}"
 
 

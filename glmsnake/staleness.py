@@ -19,7 +19,7 @@ def weights(wf: Workflow) -> dict[str, Any]:
     if w.source == "tiny":
         key["architecture"] = wf.architecture()
     if w.source.startswith("local:"):
-        key["identity"] = local_identity(Path(w.source.removeprefix("local:")).expanduser())
+        key["identity"] = local_identity(wf.local_path(w.source))
     return key
 
 
@@ -27,7 +27,7 @@ def dataset(wf: Workflow, name: str) -> dict[str, Any]:
     ds = wf.preset.datasets[name]
     key = ds.model_dump(mode="json")
     if ds.source.startswith("local:"):
-        key["identity"] = local_identity(Path(ds.source.removeprefix("local:")).expanduser())
+        key["identity"] = local_identity(wf.local_path(ds.source))
     return key
 
 

@@ -27,7 +27,7 @@ from typing import TextIO
 
 import torch
 
-from glmsnake import atomic, publish
+from glmsnake import atomic, disk, publish
 from glmsnake.convert.fp8_math import Scheme
 from glmsnake.convert.fp8_plan import (
     MARKER_NAME,
@@ -242,6 +242,8 @@ def convert(
     plans = [plan_shard(s, source.headers[s], scheme) for s in source.shards]
 
     stage = publish.temp_dir_for(save_dir)
+    disk.require_room(save_dir, sum(p.out_size for p in plans) - disk.bytes_under(stage),
+                      f"FP8 conversion of {len(plans)} shards")
     stage.mkdir(parents=True, exist_ok=True)
     progress, times = Progress(sum(p.in_bytes for p in plans), len(plans), log), PhaseTimes()
     try:

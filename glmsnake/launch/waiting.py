@@ -14,11 +14,12 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Generic, TypeVar
 
 from submitit.core import utils as submitit_utils
 
-from glmsnake import knobs
+from glmsnake import disk, knobs
 from glmsnake.errors import GlmsnakeError
 from glmsnake.launch import slurm
 from glmsnake.launch.slurm import SlurmRejected
@@ -164,7 +165,7 @@ def wait_job(
 
     failures = _failures(job, outcomes, nodes, launcher, tasks_per_node, state)
     if failures:
-        raise failure_report(job_id, n, failures, launcher)
+        raise failure_report(job_id, n, failures, launcher, Path(job.paths.folder))
     outs = [o[1] for o in outcomes]  # type: ignore[index]
     if not nodes:
         seen: dict[int, str] = {}
@@ -205,8 +206,10 @@ def _failures(
     return failures
 
 
-def failure_report(job_id: str, n: int, failures: list[dict[str, Any]], launcher: str) -> TaskFailed:
-    """The error for a job whose tasks failed: Slurm's reason if Slurm ended it, the first real failure, details."""
+def failure_report(job_id: str, n: int, failures: list[dict[str, Any]], launcher: str,
+                   folder: Path | None = None) -> TaskFailed:
+    """The error for a job whose tasks failed: Slurm's reason if Slurm ended it, the first real failure,
+    a full file system under the job's folder (where results are written), details."""
     # Report real failures first: ranks that merely got cancelled afterwards are noise.
     failures.sort(key=lambda f: (f["error"].startswith("no result"), f["rank"]))
     head = failures[0]
@@ -227,8 +230,10 @@ def failure_report(job_id: str, n: int, failures: list[dict[str, Any]], launcher
         if info.get("JobState") in slurm.SLURM_ENDED:
             ended = (f"Slurm ended job {job_id}: {info['JobState']} (time limit {info.get('TimeLimit', '?')}, "
                      f"ran {info.get('RunTime', '?')}); ")
+    full = disk.full_disk_note(folder) if folder is not None else ""
     return TaskFailed(
-        f"{ended}job {job_id}: {len(failures)} of {n} task(s) failed; first: {first_line}\n{detail}",
+        f"{ended}job {job_id}: {len(failures)} of {n} task(s) failed; first: {first_line}"
+        f"{'; ' + full if full else ''}\n{detail}",
         failures=failures, job_id=job_id,
     )
 

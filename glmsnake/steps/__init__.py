@@ -7,6 +7,7 @@ they turn the config into plain parameters, call the library, and write the sent
 
 from __future__ import annotations
 
+from glmsnake import disk
 from glmsnake.config import Workflow
 from glmsnake.steps import attempts, convert, export, train, weights
 
@@ -24,17 +25,19 @@ STEPS = {
 def run(step: str, wf: Workflow, config_line: str, **options) -> None:
     """Run one step, its log starting with where its config came from.
 
-    Training's log is kept per attempt as well (steps/attempts.py).
+    Training's log is kept per attempt as well (steps/attempts.py). A full disk is named as such.
     """
     fn = STEPS[step]
     if fn is not train.train_run:
         print(config_line, flush=True)
-        fn(wf, **options)
+        with disk.naming_a_full_disk(wf.base):
+            fn(wf, **options)
         return
     rule_log, folder = wf.paths.rule_log("train", options["run"]), wf.paths.run(options["run"]).attempt_logs
     copy_to = attempts.begin(rule_log, folder)
     try:
         print(config_line, flush=True)
-        fn(wf, **options)
+        with disk.naming_a_full_disk(wf.base):
+            fn(wf, **options)
     finally:
         attempts.finish(rule_log, copy_to)

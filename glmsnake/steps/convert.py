@@ -6,7 +6,7 @@ import shutil
 import time
 from pathlib import Path
 
-from glmsnake import atomic, contents, publish, staleness
+from glmsnake import atomic, contents, disk, publish, staleness
 from glmsnake.config import Workflow
 from glmsnake.convert import fp8
 from glmsnake.convert import torch_dist as td
@@ -35,6 +35,8 @@ def convert_torch_dist(wf: Workflow, sentinel: Path) -> None:
     t0 = time.monotonic()
     check_hf_unchanged(wf)
     check_hf_config(td.read_hf_config(paths.hf_dir), wf.preset.model, str(paths.hf_dir))  # before any allocation
+    # bf16 in, bf16 out: about the HF shards' size, next to any earlier release until it is replaced.
+    disk.require_room(final, disk.weight_bytes(paths.hf_dir), "the torch_dist conversion")
     if cfg.backend == "glmsnake":
         plan = td.plan_conversion(paths.hf_dir, wf.preset.model)
         stage = td.fresh_stage(final)

@@ -6,7 +6,7 @@ import shutil
 import time
 from pathlib import Path
 
-from glmsnake import atomic, contents, publish, staleness
+from glmsnake import atomic, contents, disk, publish, staleness
 from glmsnake.config import Workflow
 from glmsnake.convert import torch_dist as td
 from glmsnake.convert.dcp_io import METADATA_NAME
@@ -26,6 +26,7 @@ def export_hf(wf: Workflow, sentinel: Path, run: str) -> None:
     final = run_paths.hf
     stage = publish.temp_dir_for(final)
     shutil.rmtree(stage, ignore_errors=True)
+    disk.require_room(final, disk.weight_bytes(wf.paths.hf_dir), f"exporting run {run} to HF")  # same tensors as the input
     summary = td.export_hf(ckpt, wf.paths.hf_dir, stage)
     publish.publish_dir(stage, final)
     atomic.write_sentinel(

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from glmsnake import atomic, contents, recipe, staleness
+from glmsnake import atomic, contents, disk, recipe, staleness
 from glmsnake.config import Workflow
 from glmsnake.errors import GlmsnakeError
 from glmsnake.launch import JobSpec, run_ray_job
@@ -110,6 +110,8 @@ def train_run(wf: Workflow, sentinel: Path, run: str) -> None:
         rc = process.run_child(process.driver_command(str(settings_path)))
         job = {"nodes": [os.uname().nodename]}
     if rc != 0:
+        if full := disk.full_disk_note(ckroot):  # the likeliest cause, and resuming would not help
+            raise GlmsnakeError(f"training driver of run {run} exited with {rc}; {full}", disk.FIX)
         raise GlmsnakeError(f"training driver of run {run} exited with {rc}",
                             f"read the step log; rerunning resumes from the latest checkpoint in {ckroot}")
     final = checkpoints.latest(ckroot) if r.train.backend == "local" else tracker_iteration(ckroot)

@@ -20,7 +20,7 @@ def download_hf(wf: Workflow, sentinel: Path) -> None:
     if source == "tiny":
         manifest = hub.make_tiny_folder(wf.preset.model, wf.preset.train.seed, dest)
     elif source.startswith("local:"):
-        manifest = hub.record_local(Path(source.removeprefix("local:")).expanduser(), dest)
+        manifest = hub.record_local(wf.local_path(source), dest)
     else:
         manifest = hub.download_repo(hub.HubSource.parse(source), dest, wf.preset.weights.allow_patterns)
         hub.check_index(dest, manifest["files"])
@@ -44,7 +44,7 @@ def download_dataset(wf: Workflow, output: Path, name: str) -> None:
         return
     keys = dataset_keys(wf)
     if ds.source.startswith("local:"):
-        path = Path(ds.source.removeprefix("local:")).expanduser()
+        path = wf.local_path(ds.source)
         if path.is_dir():
             raise GlmsnakeError(f"dataset {name}: {path} is a folder, not a .jsonl file",
                                 "point the dataset's `local:` at the .jsonl file itself")
@@ -55,8 +55,6 @@ def download_dataset(wf: Workflow, output: Path, name: str) -> None:
         atomic.write_bytes(output, data)
         return
     src = hub.HubSource.parse(ds.source)
-    if not ds.file:
-        raise GlmsnakeError(f"dataset {name} from the hub needs `file:`", "name the .jsonl file inside the repo")
     cache = output.parent / ".hub" / name
     manifest = hub.download_repo(src, cache, [ds.file])
     check_jsonl((cache / ds.file).read_bytes(), cache / ds.file, keys, name)
