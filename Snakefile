@@ -8,7 +8,7 @@ from snakemake.utils import min_version, validate
 
 min_version("9.20")
 
-from glmsnake import base_lock, resolve, staleness
+from glmsnake import base_lock, disk, resolve, staleness
 
 
 resolve.check_yaml_file("config/config.yaml")  # Snakemake's own YAML error names no file or line
@@ -27,6 +27,10 @@ PATHS = WF.paths
 onstart:
     # Only a run that executes jobs (not a dry run, not a job on a node) holds base_dir.
     base_lock.acquire(WF.base)
+
+
+onerror:
+    disk.report_if_full(WF.base)  # a full disk also leaves the failed step's log empty
 
 
 include: "rules/common.smk"

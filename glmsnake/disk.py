@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -79,6 +80,12 @@ def full_disk_note(path: Path) -> str:
     if free < min(1 << 30, total // 50):
         return f"the file system of {path} is full: {usage_line(path)}"
     return ""
+
+
+def report_if_full(path: Path) -> None:
+    """For the Snakefile's onerror: a full disk also empties the logs that would have named it."""
+    if note := full_disk_note(path):
+        print(f"glmsnake: error: {note}\n  fix: {FIX}", file=sys.stderr, flush=True)
 
 
 @contextmanager

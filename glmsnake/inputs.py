@@ -1,16 +1,20 @@
 """The workflow's inputs on disk, checked when the config is loaded: `local:` sources and base_dir.
 
-Stat only (a dry run writes nothing and a 700 GB folder is not read): what exists, and of
-what kind. The steps check content (shard headers, JSON rows) when they use it.
+Cheap reads only (a dry run writes nothing and a 700 GB folder is not read): what exists, of
+what kind, and a local checkpoint's config.json against the MODEL args. The steps check the
+rest of the content (shard headers, JSON rows) when they use it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from glmsnake.config import Workflow
+from glmsnake.convert.arch import check_hf_config
 from glmsnake.disk import existing_ancestor
+from glmsnake.errors import GlmsnakeError
 
 
 def input_problems(wf: Workflow) -> list[tuple[str, str]]:
@@ -18,7 +22,7 @@ def input_problems(wf: Workflow) -> list[tuple[str, str]]:
     out = []
     weights = wf.preset.weights.source
     if weights.startswith("local:"):
-        out += _local_weights(wf.local_path(weights))
+        out += _local_weights(wf.local_path(weights)) or _local_config(wf, wf.local_path(weights))
     for name, ds in wf.preset.datasets.items():
         if ds.source.startswith("local:"):
             out += [(f"datasets.{name}: {p}", f) for p, f in _local_dataset(wf.local_path(ds.source))]
@@ -35,6 +39,19 @@ def _local_weights(path: Path) -> list[tuple[str, str]]:
     missing = [what for what, ok in (("config.json", (path / "config.json").is_file()),
                                      ("*.safetensors", any(path.glob("*.safetensors")))) if not ok]
     return [(f"weights: local {path} holds no {' and no '.join(missing)}", fix)] if missing else []
+
+
+def _local_config(wf: Workflow, path: Path) -> list[tuple[str, str]]:
+    """Weights of another model fail the conversion; said now, before the first step."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        return [(f"weights: {path}/config.json cannot be read as JSON ({e})", "point `local:` at an HF checkpoint folder")]
+    try:
+        check_hf_config(config, wf.preset.model, str(path))
+    except GlmsnakeError as e:
+        return [(f"weights: {e.problem}", e.fix or "")]
+    return []
 
 
 def _local_dataset(path: Path) -> list[tuple[str, str]]:

@@ -65,6 +65,13 @@ def plan(targets: list[str], configfile: Path, snakemake_args: list[str]) -> tup
            "--configfile", str(Path(configfile).absolute()), *snakemake_args]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=resolve.project_dir(configfile))
     if proc.returncode != 0:
+        out = proc.stdout + proc.stderr
+        if "glmsnake: error: " in out:  # the Snakefile refused the config: its problem and fix, as they are
+            raise GlmsnakeError(out.split("glmsnake: error: ", 1)[1].strip())
+        missing = re.search(r"No rule to produce (\S+)", out)
+        if missing:
+            raise GlmsnakeError(f"no step makes {missing.group(1)!r}",
+                                "name a target rule (all, weights, torch_dist, fp8, train) or an output path under base_dir")
         raise GlmsnakeError(f"snakemake dry run failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}", "fix the error above")
     return wf, parse_dry_run(proc.stdout + proc.stderr)
 

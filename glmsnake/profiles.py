@@ -23,7 +23,11 @@ def user_profile_dir() -> Path:
 
 def install_profiles(dest: Path | None = None) -> list[Path]:
     dest = dest or user_profile_dir()
-    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GlmsnakeError(f"cannot make the profile folder {dest}: {e.strerror}",
+                            "pass --dest a folder you can write (default: ~/.config/snakemake)") from None
     links = []
     for name in PROFILES:
         target = REPO_ROOT / "profiles" / name

@@ -103,7 +103,8 @@ def inspect_source(model_dir: Path) -> Source:
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
     if not config_path.is_file():
-        raise GlmsnakeError(f"{model_dir} has no config.json", "point --model-dir at a Hugging Face checkpoint folder")
+        what = "has no config.json" if model_dir.is_dir() else "does not exist" if not model_dir.exists() else "is a file"
+        raise GlmsnakeError(f"{model_dir} {what}", "point --model-dir at a Hugging Face checkpoint folder")
     config = json.loads(config_path.read_text())
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "?")
