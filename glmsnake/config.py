@@ -110,6 +110,9 @@ class TorchDistConvert(Strict):
     backend: Literal["glmsnake", "slime"] = "glmsnake"
     allocation: Allocation = Allocation(nodes=2, gpus_per_node=8, time_min=120, min_time_min=10)
     writers_per_node: int = Field(8, ge=1, description="writer ranks per node (torchrun --nproc-per-node)")
+    layout: Literal["local", "te"] = Field(
+        "local", description="backend glmsnake's key names: megatron-core's local layer spec, or the Transformer "
+        "Engine spec slime's model loads (MoE layers' pre_mlp_layernorm)")
 
 
 class Fp8Convert(Strict):
@@ -137,6 +140,13 @@ class Features(Strict):
     mtp_training: bool = False
 
 
+class KeepCheckpoints(Strict):
+    """Checkpoint retention (glmsnake prunes while training runs; slime itself never deletes)."""
+
+    last: int = Field(3, ge=1, description="keep the newest LAST complete checkpoints")
+    every: int = Field(0, ge=0, description="also keep iteration i when (i + 1) % EVERY == 0 (milestones); 0: none")
+
+
 class Train(Strict):
     backend: Literal["slime", "local"] = "slime"
     allocation: Allocation = Allocation(nodes=8, gpus_per_node=8, time_min=2880, min_time_min=30)
@@ -147,6 +157,11 @@ class Train(Strict):
         "restart",
         description="when the run's settings change: restart from the torch_dist weights (earlier checkpoints "
         "move to runs/<run>/previous/), or continue from the latest checkpoint (never across an architecture change)",
+    )
+    keep_checkpoints: KeepCheckpoints | None = Field(
+        KeepCheckpoints(),
+        description="checkpoints kept while training runs (the tracker's, newer ones and a run's only one always "
+        "stay); null: keep every checkpoint, as slime does",
     )
     seed: int = 1234
     slime_dir: str = "/root/slime"

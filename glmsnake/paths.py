@@ -9,7 +9,8 @@ named once. Nothing here touches the disk.
     <base>/data/<name>.jsonl             prompt sets (+ .manifest.json for hub datasets)
     <base>/runs/<run>/                   sentinel, checkpoints/, metrics.jsonl, train_curves.png,
                                          trainer_settings.json, hf/ (the export), logs/attempt-N.log,
-                                         previous/<settings hash>/ (checkpoints of earlier settings)
+                                         previous/<settings hash>/ (checkpoints of earlier settings),
+                                         pruned_checkpoints.jsonl, disk_warning.json
     <base>/logs/<rule>[.<wildcard>].log  one log per rule; <base>/logs/<job>/ for multi-node jobs
 """
 
@@ -47,6 +48,8 @@ class RunPaths:
     hf = _Join("root", "hf")  # the run's export as an HF folder
     hf_sentinel = _Join("root", "hf", SENTINEL)
     attempt_logs = _Join("root", "logs")  # attempt-N.log: every training attempt's log
+    pruned = _Join("root", "pruned_checkpoints.jsonl")  # one line per checkpoint retention deleted
+    disk_warning = _Join("root", "disk_warning.json")  # present while less than two checkpoints fit
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,13 @@ def local_identity(path: Path) -> dict[str, Any] | None:
 
 
 def torch_dist(wf: Workflow) -> dict[str, Any]:
-    # The backend writes the same checkpoint either way; writer count and allocation don't matter.
-    return {"architecture": wf.architecture()}
+    # Writer count and allocation don't matter. Our writer's Transformer Engine key layout is
+    # another checkpoint (named only when chosen, so existing keys stay as they were).
+    cfg = wf.preset.convert.torch_dist
+    key: dict[str, Any] = {"architecture": wf.architecture()}
+    if cfg.backend == "glmsnake" and cfg.layout != "local":
+        key["layout"] = cfg.layout
+    return key
 
 
 def fp8(wf: Workflow) -> dict[str, Any]:
@@ -55,7 +60,7 @@ def fp8(wf: Workflow) -> dict[str, Any]:
 
 # Run settings that change how a run executes but not what it computes.
 _RUN_EXECUTION_ONLY = {
-    "train": {"save_interval", "max_requeues", "on_change", "allocation", "slime_dir", "megatron_dir"},
+    "train": {"save_interval", "max_requeues", "on_change", "keep_checkpoints", "allocation", "slime_dir", "megatron_dir"},
 }
 
 

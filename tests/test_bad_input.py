@@ -39,6 +39,8 @@ RECIPE = "glm4.7-355b-64xh100"
 GOOD_ROW = '{"prompt": "1+1=", "label": "2"}\n'
 DEFAULT = {"base_dir": "{base}", "preset": "tiny", "launcher": "local", "runs": {"default": {}}}
 HUB_MODEL = "zai-org/Tiny-GLM"
+WHOLE_CHECKPOINT = {"metadata.json", ".metadata", "common.pt", "glmsnake_trainer_state.pt"}
+TRAINING_INPUTS = (MODEL, f"{MODEL}_torch_dist", f"{MODEL}-FP8", "data")
 
 
 @dataclass
@@ -255,9 +257,16 @@ def disk_cases() -> list[Case]:
              {"base_dir": "{case}/mnt", "overrides": {"datasets": {"prompt": {"source": "local:{case}/big.jsonl"}}}},
              run=("snakemake", "{case}/mnt/data/prompt.jsonl"), code=1, step_output="data/prompt.jsonl", mount="+16k",
              copy=(MODEL, "data"), files={"big.jsonl": GOOD_ROW * 60000}),
-        Case("disk: full during training", ("the file system of {case}/mnt", "is full"), full, {"base_dir": "{case}/mnt"},
-             run=("snakemake", "{case}/mnt/runs/default/glmsnake.done.json"), code=1, mount="+64k", mid_run=True,
-             step_output="runs/default/glmsnake.done.json", copy=(MODEL, f"{MODEL}_torch_dist", f"{MODEL}-FP8", "data")),
+        Case("disk: two checkpoints do not fit", ("training run default (two checkpoints of", "with optimizer state) needs",
+                                                  "under {case}/mnt/runs/default/checkpoints, but its file system has"),
+             full, {"base_dir": "{case}/mnt"}, run=("snakemake", "{case}/mnt/runs/default/glmsnake.done.json"), code=1,
+             mount="+1024k", step_output="runs/default/glmsnake.done.json", copy=TRAINING_INPUTS),
+        # Room for two checkpoints as the guard counts them, but every one kept: the third save fills the disk.
+        Case("disk: full during training", ("training driver of run default exited with 1; a checkpoint takes",
+                                            "and the file system of {case}/mnt/runs/default/checkpoints has"), full,
+             {"base_dir": "{case}/mnt", "runs": {"default": {"train": {"save_interval": 1, "keep_checkpoints": None}}}},
+             run=("snakemake", "{case}/mnt/runs/default/glmsnake.done.json"), code=1, mount="+7700k", mid_run=True,
+             step_output="runs/default/glmsnake.done.json", copy=TRAINING_INPUTS),
     ]
 
 
@@ -414,11 +423,16 @@ def test_bad_input_is_refused_early_with_problem_and_fix(case: Case, corpus):
     elif case.mid_run:  # it ran until the disk filled: nothing earlier touched, nothing that looks finished
         assert not removed and not changed, f"removed {sorted(removed)}, changed {sorted(changed)}"
         assert case.step_output not in r["after"]
-        assert not [a for a in added if "/iter_" in a], sorted(added)  # checkpoints are staged under hidden names
+        # A checkpoint at its final name is whole (checkpoints are staged under hidden names).
+        finals = {}
+        for a in added:
+            if m := re.fullmatch(r"(runs/default/checkpoints/iter_\d{7})/(.+)", a):
+                finals.setdefault(m.group(1), set()).add(m.group(2))
+        assert finals and all(files >= WHOLE_CHECKPOINT for files in finals.values()), finals
     else:  # the step ran and refused: its log and the lock, its output not published
         assert not removed, sorted(removed)
         assert case.step_output not in r["after"]
-        allowed = lambda p: p == ".glmsnake.lock" or (p.startswith("logs/") and p.count("/") == 1)  # noqa: E731
+        allowed = lambda p: p == ".glmsnake.lock" or re.fullmatch(r"logs/[^/]+\.log|runs/[^/]+/logs/attempt-\d+\.log", p)  # noqa: E731
         assert all(map(allowed, added | changed)), f"added {sorted(added)}, changed {sorted(changed)}"
 
 

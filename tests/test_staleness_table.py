@@ -72,6 +72,7 @@ CASES = [
     ("train group: colocate", ["runs={default: {train: {colocate: false}}}"], TRAIN),
     ("save_interval", ["runs={default: {train: {save_interval: 8}}}"], set()),
     ("max_requeues", ["runs={default: {train: {max_requeues: 0}}}"], set()),
+    ("keep_checkpoints", ["runs={default: {train: {keep_checkpoints: {last: 1, every: 10}}}}"], set()),
     ("training allocation", ["runs={default: {train: {allocation: {time_min: 60}}}}"], set()),
     ("slime and Megatron checkouts", ["runs={default: {train: {slime_dir: /opt/slime, megatron_dir: /opt/mlm}}}"], set()),
 ]

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from glmsnake import resolve
+from glmsnake.convert import megatron_names as names
 from glmsnake.convert import torch_dist as td
 from glmsnake.convert.dcp_io import DcpReader, HfReader, read_metadata, tensor_index
 from glmsnake.errors import GlmsnakeError
@@ -210,6 +211,43 @@ def test_export_hf_folder_loads_in_transformers(tiny_hf, converted, tmp_path):
     model = Glm4MoeForCausalLM.from_pretrained(str(out), dtype=torch.bfloat16)
     ids = torch.tensor([[5, 9, 17, 33, 2]])
     assert torch.isfinite(model(ids).logits).all()
+
+
+# --------------------------------------------------------------------------- key layouts (variants)
+
+# The Transformer Engine variant here is made by our own writer naming the keys as the TE layer
+# spec does (`pre_mlp_layernorm.weight` on MoE layers, TE norms' extra states); the per-expert
+# variant as `singleton_local_shards` does. Neither comes from megatron-core itself in this test.
+VARIANTS = [names.LOCAL, names.TE, names.Layout("local", "singleton"), names.Layout("te", "singleton")]
+
+
+@pytest.mark.parametrize("layout", VARIANTS, ids=lambda v: f"{v.norms}-{v.experts}")
+def test_every_key_layout_round_trips_and_is_detected(tiny_hf, tmp_path, layout):
+    cfg = json.loads((tiny_hf / "config.json").read_text())
+    state = hf_tensors(tiny_hf)
+    final = td.save_hf_state(state, cfg, tmp_path / "ck", 3, layout)
+    keys = set(td.describe_checkpoint(final)["tensors"])
+    moe, dense = "decoder.layers.1.", "decoder.layers.0."  # the tiny model: layer 0 dense, the rest MoE
+    assert (f"{moe}pre_mlp_layernorm.weight" in keys) == (layout.norms == "te")
+    assert (f"{moe}mlp.linear_fc1.layer_norm_weight" in keys) == (layout.norms == "local")
+    assert f"{dense}mlp.linear_fc1.layer_norm_weight" in keys  # dense layers fuse it in both specs
+    assert (f"{moe}mlp.experts.experts.linear_fc1.weight" in keys) == (layout.experts == "stacked")
+    assert ({f"{moe}mlp.experts.experts.7.linear_fc1.weight_w", f"{moe}mlp.experts.experts.7.linear_fc1.weight_v",
+             f"{dense}mlp.linear_fc1.weight_w"} <= keys) == (layout.experts == "singleton")
+    assert names.detect_layout(keys) == layout
+    assert td.describe_checkpoint(final)["layout"] == layout.describe()
+    assert_bit_identical(td.load_hf_state(final, cfg), state)
+    out = tmp_path / "hf"
+    summary = td.export_hf(final, tiny_hf, out)
+    assert summary["layout"] == layout.describe()
+    assert_bit_identical(hf_tensors(out), hf_tensors(tiny_hf))
+
+
+def test_the_writer_writes_the_te_layout_when_asked(tiny_hf, model_args, tmp_path):
+    plan = td.plan_conversion(tiny_hf, model_args, names.TE)
+    release = td.convert(tiny_hf, tmp_path / "td", model_args, writers=1, layout=names.TE)
+    assert plan.layout == names.TE and td.describe_checkpoint(release)["layout"] == names.TE.describe()
+    assert_bit_identical(td.load_hf_state(release, json.loads((tiny_hf / "config.json").read_text())), hf_tensors(tiny_hf))
 
 
 # --------------------------------------------------------------------------- steps (local launcher)

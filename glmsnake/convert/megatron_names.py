@@ -1,4 +1,4 @@
-"""HF GLM-4-MoE names <-> Megatron-Core (local spec) torch_dist keys, both directions.
+"""HF GLM-4-MoE names <-> Megatron-Core torch_dist keys, both directions, in every key layout.
 
 One `MegatronTensor` describes a Megatron key, the HF tensors it is made of and how
 (checked against megatron-core 0.19.2's GPTModel and slime's GLM-4-MoE converter):
@@ -10,13 +10,18 @@ One `MegatronTensor` describes a Megatron key, the HF tensors it is made of and 
 
 Megatron keys are grouped into `Unit`s (embedding, one per decoder layer, one per MTP
 layer, the head) so converters stream one layer at a time. Each unit also lists the
-`_extra_state` ShardedObjects that the local spec's parallel linears ask for.
+`_extra_state` ShardedObjects that the layer spec's modules ask for (readers ignore them).
+
+`Layout` names the key variants a checkpoint can be in (docs/architecture.md lists them with
+the megatron-core source that defines each); `detect_layout` tells them apart by their keys.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
+
+import re
 
 import torch
 
@@ -73,6 +78,40 @@ class GlmArch:
 
 
 @dataclass(frozen=True)
+class Layout:
+    """The key variant of a torch_dist checkpoint.
+
+    norms: `local` (megatron-core's local layer spec renames pre_mlp_layernorm to
+      `mlp.linear_fc1.layer_norm_weight` on every layer) or `te` (the Transformer Engine spec,
+      slime's: MoE layers keep a separate `pre_mlp_layernorm.weight`; dense layers fuse it into
+      linear_fc1 as in `local`; TE norms add `_extra_state` objects).
+    experts: `stacked` (one key per layer, a leading expert axis; the default) or `singleton`
+      (`singleton_local_shards`: one key per expert, and every fc1 split into `weight_w` (gate)
+      and `weight_v` (up), dense and shared experts too).
+    """
+
+    norms: str = "local"
+    experts: str = "stacked"
+
+    def describe(self) -> dict[str, str]:
+        return {"norms": self.norms, "experts": self.experts}
+
+
+LOCAL = Layout()
+TE = Layout("te")
+LAYOUTS = {"local": LOCAL, "te": TE}  # what our writer offers (convert.torch_dist.layout)
+_SINGLETON_EXPERT = re.compile(r"\.mlp\.experts\.experts\.\d+\.linear_fc")
+
+
+def detect_layout(keys: Iterable[str]) -> Layout:
+    """Which variant a checkpoint's keys are in (every GLM-4-MoE has MoE layers to tell by)."""
+    keys = list(keys)
+    norms = "te" if any(k.endswith(".pre_mlp_layernorm.weight") for k in keys) else "local"
+    experts = "singleton" if any(_SINGLETON_EXPERT.search(k) for k in keys) else "stacked"
+    return Layout(norms, experts)
+
+
+@dataclass(frozen=True)
 class MegatronTensor:
     key: str
     kind: str  # copy | qkv | gate_up | experts_gate_up | experts_down
@@ -102,7 +141,15 @@ def extra_state_key(module: str, shard: tuple[int, int] = (0, 1)) -> str:
 # --------------------------------------------------------------------------- units
 
 
-def _layer_unit(arch: GlmArch, name: str, mp: str, hp: str, moe: bool) -> Unit:
+def _fc1(u: Unit, layout: Layout, module: str, gate: str, up: str) -> None:
+    """A SwiGLU fc1: [gate; up] in one tensor, or split into weight_w and weight_v (singleton)."""
+    if layout.experts == "singleton":
+        u.tensors += [MegatronTensor(f"{module}.weight_w", "copy", (gate,)), MegatronTensor(f"{module}.weight_v", "copy", (up,))]
+    else:
+        u.tensors.append(MegatronTensor(f"{module}.weight", "gate_up", (gate, up)))
+
+
+def _layer_unit(arch: GlmArch, name: str, mp: str, hp: str, moe: bool, layout: Layout = LOCAL) -> Unit:
     """A transformer layer: Megatron prefix `mp` (ends with '.'), HF prefix `hp`."""
     u = Unit(name)
     t = u.tensors.append
@@ -112,15 +159,21 @@ def _layer_unit(arch: GlmArch, name: str, mp: str, hp: str, moe: bool) -> Unit:
     t(MegatronTensor(f"{att}linear_qkv.weight", "qkv", qkv, arch.num_groups))
     if arch.qkv_bias:
         t(MegatronTensor(f"{att}linear_qkv.bias", "qkv", tuple(f"{hp}self_attn.{p}_proj.bias" for p in "qkv"), arch.num_groups))
+    te = layout.norms == "te"
     if arch.qk_norm:
         t(MegatronTensor(f"{att}q_layernorm.weight", "copy", (f"{hp}self_attn.q_norm.weight",)))
         t(MegatronTensor(f"{att}k_layernorm.weight", "copy", (f"{hp}self_attn.k_norm.weight",)))
+        u.extra_states += [extra_state_key(f"{att}{n}_layernorm") for n in "qk"] if te else []
     t(MegatronTensor(f"{att}linear_proj.weight", "copy", (f"{hp}self_attn.o_proj.weight",)))
     u.extra_states += [extra_state_key(f"{att}linear_qkv"), extra_state_key(f"{att}linear_proj")]
-    # The local spec renames pre_mlp_layernorm to this key on dense and MoE layers alike.
-    t(MegatronTensor(f"{mp}mlp.linear_fc1.layer_norm_weight", "copy", (f"{hp}post_attention_layernorm.weight",)))
+    post = (f"{hp}post_attention_layernorm.weight",)
+    if te and moe:  # the TE spec: a separate TENorm before the MoE block
+        t(MegatronTensor(f"{mp}pre_mlp_layernorm.weight", "copy", post))
+        u.extra_states.append(extra_state_key(f"{mp}pre_mlp_layernorm"))
+    else:  # fused into (or, in the local spec, renamed onto) linear_fc1
+        t(MegatronTensor(f"{mp}mlp.linear_fc1.layer_norm_weight", "copy", post))
     if not moe:
-        t(MegatronTensor(f"{mp}mlp.linear_fc1.weight", "gate_up", (f"{hp}mlp.gate_proj.weight", f"{hp}mlp.up_proj.weight")))
+        _fc1(u, layout, f"{mp}mlp.linear_fc1", f"{hp}mlp.gate_proj.weight", f"{hp}mlp.up_proj.weight")
         t(MegatronTensor(f"{mp}mlp.linear_fc2.weight", "copy", (f"{hp}mlp.down_proj.weight",)))
         u.extra_states += [extra_state_key(f"{mp}mlp.linear_fc1"), extra_state_key(f"{mp}mlp.linear_fc2")]
         return u
@@ -128,10 +181,16 @@ def _layer_unit(arch: GlmArch, name: str, mp: str, hp: str, moe: bool) -> Unit:
     t(MegatronTensor(f"{mp}mlp.router.expert_bias", "copy", (f"{hp}mlp.gate.e_score_correction_bias",)))
     if arch.shared_experts:
         se, hse = f"{mp}mlp.shared_experts.", f"{hp}mlp.shared_experts."
-        t(MegatronTensor(f"{se}linear_fc1.weight", "gate_up", (f"{hse}gate_proj.weight", f"{hse}up_proj.weight")))
+        _fc1(u, layout, f"{se}linear_fc1", f"{hse}gate_proj.weight", f"{hse}up_proj.weight")
         t(MegatronTensor(f"{se}linear_fc2.weight", "copy", (f"{hse}down_proj.weight",)))
         u.extra_states += [extra_state_key(f"{se}linear_fc1"), extra_state_key(f"{se}linear_fc2")]
     ex, E = f"{mp}mlp.experts.experts.", arch.num_experts
+    if layout.experts == "singleton":  # one key per expert
+        for e in range(E):
+            he = f"{hp}mlp.experts.{e}."
+            _fc1(u, layout, f"{ex}{e}.linear_fc1", f"{he}gate_proj.weight", f"{he}up_proj.weight")
+            t(MegatronTensor(f"{ex}{e}.linear_fc2.weight", "copy", (f"{he}down_proj.weight",)))
+        return u
     gate_up = tuple(s for e in range(E) for s in (f"{hp}mlp.experts.{e}.gate_proj.weight", f"{hp}mlp.experts.{e}.up_proj.weight"))
     t(MegatronTensor(f"{ex}linear_fc1.weight", "experts_gate_up", gate_up))
     t(MegatronTensor(f"{ex}linear_fc2.weight", "experts_down", tuple(f"{hp}mlp.experts.{e}.down_proj.weight" for e in range(E))))
@@ -140,15 +199,15 @@ def _layer_unit(arch: GlmArch, name: str, mp: str, hp: str, moe: bool) -> Unit:
     return u
 
 
-def units(arch: GlmArch) -> list[Unit]:
+def units(arch: GlmArch, layout: Layout = LOCAL) -> list[Unit]:
     """Every Megatron tensor of the model, grouped into streaming units, in model order."""
     out = [Unit("embedding", [MegatronTensor("embedding.word_embeddings.weight", "copy", ("model.embed_tokens.weight",))])]
     for i in range(arch.num_layers):
-        out.append(_layer_unit(arch, f"layer {i}", f"decoder.layers.{i}.", f"model.layers.{i}.", arch.is_moe(i)))
+        out.append(_layer_unit(arch, f"layer {i}", f"decoder.layers.{i}.", f"model.layers.{i}.", arch.is_moe(i), layout))
     for j in range(arch.mtp_layers):
         hf_i = arch.num_layers + j
         hp, mp = f"model.layers.{hf_i}.", f"mtp.layers.{j}."
-        u = _layer_unit(arch, f"mtp {j}", f"{mp}transformer_layer.", hp, arch.is_moe(hf_i))
+        u = _layer_unit(arch, f"mtp {j}", f"{mp}transformer_layer.", hp, arch.is_moe(hf_i), layout)
         u.tensors[:0] = [
             MegatronTensor(f"{mp}enorm.weight", "copy", (f"{hp}enorm.weight",)),
             MegatronTensor(f"{mp}hnorm.weight", "copy", (f"{hp}hnorm.weight",)),
@@ -156,9 +215,13 @@ def units(arch: GlmArch) -> list[Unit]:
             MegatronTensor(f"{mp}final_layernorm.weight", "copy", (f"{hp}shared_head.norm.weight",)),
         ]
         u.extra_states.insert(0, extra_state_key(f"{mp}eh_proj"))
+        if layout.norms == "te":
+            u.extra_states += [extra_state_key(f"{mp}{n}") for n in ("enorm", "hnorm", "final_layernorm")]
         u.dropped = [hp + s for s in MTP_SHARED_SUFFIXES]
         out.append(u)
     head = Unit("head", [MegatronTensor("decoder.final_layernorm.weight", "copy", ("model.norm.weight",))])
+    if layout.norms == "te":
+        head.extra_states.append(extra_state_key("decoder.final_layernorm"))
     if not arch.tied_embeddings:
         head.tensors.append(MegatronTensor("output_layer.weight", "copy", ("lm_head.weight",)))
     # No output_layer._extra_state: GPTModel drops it from its sharded state dict (old checkpoints lack it).

@@ -76,12 +76,13 @@ class WritePlan:
 
     hf_dir: str
     arch: names.GlmArch
+    layout: names.Layout = names.LOCAL
 
     def units(self) -> list[names.Unit]:
-        return names.units(self.arch)
+        return names.units(self.arch, self.layout)
 
 
-def plan_conversion(hf_dir: Path, model_args: "ModelArgs | None") -> WritePlan:
+def plan_conversion(hf_dir: Path, model_args: "ModelArgs | None", layout: names.Layout = names.LOCAL) -> WritePlan:
     """Check the HF checkpoint against the MODEL args and its own tensors; nothing is written."""
     hf_dir = Path(hf_dir)
     cfg = read_hf_config(hf_dir)
@@ -90,7 +91,7 @@ def plan_conversion(hf_dir: Path, model_args: "ModelArgs | None") -> WritePlan:
     arch = names.GlmArch.from_hf_config(cfg)
     with HfReader(hf_dir) as reader:
         names.check_hf_keys(arch, reader.keys(), str(hf_dir))
-    return WritePlan(str(hf_dir), arch)
+    return WritePlan(str(hf_dir), arch, layout)
 
 
 def unit_bytes(unit: names.Unit, reader: HfReader) -> int:
@@ -211,12 +212,12 @@ def _with_env(env: dict[str, str], fn) -> Any:
 
 
 def convert(hf_dir: Path, out_root: Path, model_args: "ModelArgs | None" = None, *, writers: int = 1,
-            provenance: dict | None = None) -> Path:
+            provenance: dict | None = None, layout: names.Layout = names.LOCAL) -> Path:
     """HF folder -> torch_dist release checkpoint at `out_root`, with local processes (no Slurm).
 
     Staged in a temporary folder and renamed; returns the release folder.
     """
-    plan = plan_conversion(hf_dir, model_args)
+    plan = plan_conversion(hf_dir, model_args, layout)
     out_root = Path(out_root)
     stage = fresh_stage(out_root)
     run_writers_locally(WriterTask(plan, str(stage / RELEASE), None, provenance), writers)
@@ -253,7 +254,7 @@ def find_checkpoint(path: Path) -> Path:
 
 
 def save_hf_state(state: Mapping[str, torch.Tensor], hf_config: Mapping[str, Any] | Any, out_root: Path,
-                  iteration: int | None) -> Path:
+                  iteration: int | None, layout: names.Layout = names.LOCAL) -> Path:
     """Save HF-named tensors as a Megatron torch_dist checkpoint `out_root/iter_XXXXXXX` (None: release).
 
     The iteration folder is staged and renamed, then the tracker file is replaced: a crash
@@ -270,7 +271,7 @@ def save_hf_state(state: Mapping[str, torch.Tensor], hf_config: Mapping[str, Any
     obj = none_object_bytes()
     cpu = {k: v.detach().to("cpu") for k, v in state.items()}
     try:
-        for unit in names.units(arch):
+        for unit in names.units(arch, layout):
             for t in unit.tensors:
                 out.add_tensor(t.key, names.to_megatron(t, cpu))
             for key in unit.extra_states:
@@ -285,11 +286,11 @@ def save_hf_state(state: Mapping[str, torch.Tensor], hf_config: Mapping[str, Any
 
 def load_hf_state(ckpt: Path, hf_config: Mapping[str, Any] | Any,
                   dtypes: Mapping[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of a torch_dist checkpoint (root or iteration folder) in HF names."""
+    """All tensors of a torch_dist checkpoint (root or iteration folder, any key layout) in HF names."""
     arch = names.GlmArch.from_hf_config(hf_config)
     reader = DcpReader(find_checkpoint(ckpt))
     out: dict[str, torch.Tensor] = {}
-    for unit in names.units(arch):
+    for unit in names.units(arch, names.detect_layout(reader.index)):
         out.update(_unit_to_hf(unit, reader, arch, dtypes))
     return out
 
@@ -322,6 +323,7 @@ def export_hf(ckpt: Path, reference_hf: Path, out_dir: Path) -> dict[str, Any]:
 
     arch = names.GlmArch.from_hf_config(read_hf_config(reference_hf))
     reader = DcpReader(find_checkpoint(ckpt))
+    layout = names.detect_layout(reader.index)  # slime's (Transformer Engine) keys, ours, or per-expert
     with HfReader(reference_hf) as ref:
         ref_keys, dtypes = ref.keys(), {k: ref.dtype(k) for k in ref.keys()}
     names.check_hf_keys(arch, ref_keys, str(reference_hf))
@@ -337,7 +339,7 @@ def export_hf(ckpt: Path, reference_hf: Path, out_dir: Path) -> dict[str, Any]:
     shared = {k: v for k, v in shared.items() if k in plan}
     total = 0
     out_dir.mkdir(parents=True, exist_ok=True)
-    for unit in names.units(arch):
+    for unit in names.units(arch, layout):
         tensors = _unit_to_hf(unit, reader, arch, dtypes)
         for dst, src in shared.items():
             if src in tensors:
@@ -355,7 +357,7 @@ def export_hf(ckpt: Path, reference_hf: Path, out_dir: Path) -> dict[str, Any]:
     for p in sorted(reference_hf.iterdir()):
         if p.is_file() and not p.name.endswith(_WEIGHT_FILES) and not p.name.startswith("glmsnake."):
             shutil.copy2(p, out_dir / p.name)
-    return {"files": sorted(set(plan.values())), "tensors": len(plan)}
+    return {"files": sorted(set(plan.values())), "tensors": len(plan), "layout": layout.describe()}
 
 
 # --------------------------------------------------------------------------- checks of a written checkpoint
@@ -372,6 +374,7 @@ def describe_checkpoint(ckpt_dir: Path) -> dict[str, Any]:
         "tensors": tensors,
         "objects": {"count": len(objects), "sha256": hashlib.sha256("\n".join(objects).encode()).hexdigest()},
         "metadata_sha256": sha256_file(Path(ckpt_dir) / METADATA_NAME),
+        "layout": names.detect_layout(tensors).describe(),
         "files": sorted(p.name for p in Path(ckpt_dir).iterdir()),
     }
 

@@ -11,6 +11,7 @@ from glmsnake.config import Workflow
 from glmsnake.convert import fp8
 from glmsnake.convert import torch_dist as td
 from glmsnake.convert.arch import check_hf_config
+from glmsnake.convert.megatron_names import LAYOUTS
 from glmsnake.convert.slime_converter import SlimeConverter
 from glmsnake.launch import JobSpec, run_job
 from glmsnake.steps.common import allocation, check_hf_unchanged, cluster, job_record
@@ -38,7 +39,7 @@ def convert_torch_dist(wf: Workflow, sentinel: Path) -> None:
     # bf16 in, bf16 out: about the HF shards' size, next to any earlier release until it is replaced.
     disk.require_room(final, disk.weight_bytes(paths.hf_dir), "the torch_dist conversion")
     if cfg.backend == "glmsnake":
-        plan = td.plan_conversion(paths.hf_dir, wf.preset.model)
+        plan = td.plan_conversion(paths.hf_dir, wf.preset.model, LAYOUTS[cfg.layout])
         stage = td.fresh_stage(final)
         task = td.WriterTask(plan, str(stage / td.RELEASE), None, {"hf_dir": str(paths.hf_dir)})
         tasks_per_node = cfg.writers_per_node

@@ -97,7 +97,7 @@ def _move_aside(run: RunPaths, old_hash: str) -> Path:
         dest = run.root / "previous" / f"{old_hash}-{n}"
     dest.mkdir(parents=True)
     # (The plot is a Snakemake output, removed before the job; the metrics it was drawn from move.)
-    for p in (run.checkpoints, run.metrics, run.trainer_settings):
+    for p in (run.checkpoints, run.metrics, run.trainer_settings, run.pruned, run.disk_warning):
         if p.exists():
             os.replace(p, dest / p.name)
     atomic.fsync_dir(dest)

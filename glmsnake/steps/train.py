@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from glmsnake import atomic, contents, disk, recipe, staleness
+from glmsnake import atomic, contents, disk, knobs, model_size, recipe, retention, staleness
 from glmsnake.config import Workflow
 from glmsnake.errors import GlmsnakeError
 from glmsnake.launch import JobSpec, run_ray_job
@@ -74,6 +75,7 @@ def train_run(wf: Workflow, sentinel: Path, run: str) -> None:
     r = wf.runs[run]
     t0 = time.monotonic()
     check_inputs_unchanged(wf, run)
+    checkpoint_size = check_room_for_checkpoints(wf, run)
     key = staleness.train(wf, run)
     decision = lineage.prepare(wf.paths.run(run), key, r.train.on_change)
     moved = f"; the earlier checkpoints moved to {decision.moved_to}" if decision.moved_to else ""
@@ -89,6 +91,51 @@ def train_run(wf: Workflow, sentinel: Path, run: str) -> None:
     print(f"[glmsnake] train {run}: backend {r.train.backend}, launcher {wf.user.launcher}, "
           f"checkpoints before this attempt: {before}", flush=True)
     job: dict[str, Any] = {}
+    run_paths = settings.paths
+    keep = r.train.keep_checkpoints
+    pruner = retention.Pruner(ckroot, keep and retention.Policy(keep.last, keep.every), run_paths.pruned,
+                              run_paths.disk_warning, knobs.PRUNE_INTERVAL_S.as_float(), log=_say)
+    with pruner:  # prunes while the job runs, both backends; warns when two checkpoints no longer fit
+        job, rc = _run_driver(wf, run, settings_path)
+    if rc != 0:
+        size, free = retention.checkpoint_bytes(ckroot) or checkpoint_size, disk.free_bytes(ckroot)
+        if free < size:  # the likeliest cause, and resuming would fail the same way
+            raise GlmsnakeError(f"training driver of run {run} exited with {rc}; a checkpoint takes {disk.human(size)}, "
+                                f"and the file system of {ckroot} has {disk.human(free)} free", disk.FIX)
+        raise GlmsnakeError(f"training driver of run {run} exited with {rc}",
+                            f"read the step log; rerunning resumes from the latest checkpoint in {ckroot}")
+    final = checkpoints.latest(ckroot) if r.train.backend == "local" else tracker_iteration(ckroot)
+    want = r.rollout.num_rollout - 1
+    if final is None or final < want:
+        raise GlmsnakeError(f"run {run}: training ended at checkpoint {final}, expected iteration {want}",
+                            "rerun the step; it resumes from that checkpoint")
+    final_folder = ckroot / iter_dir_name(final)
+    records = metrics.read(run_paths.metrics)
+    if records:
+        metrics.plot(records, run_paths.plot, run)
+    atomic.write_sentinel(
+        sentinel, step="train", settings=key,
+        backend=r.train.backend, config_hash=wf.config_hash(run), final_iteration=final,
+        checkpoints=checkpoints.iterations(ckroot) if r.train.backend == "local" else [final],
+        checkpoint_dir=str(ckroot), metrics=str(run_paths.metrics), plot=str(run_paths.plot),
+        final_checkpoint=str(final_folder), final_checkpoint_contents=contents.record(final_folder),
+        metrics_summary=metrics.summary(records), versions=versions(r.train.backend, r.train.slime_dir),
+        job=job, seconds=round(time.monotonic() - t0, 3), checkpoint_bytes=checkpoint_size,
+        pruned=[json.loads(line) for line in run_paths.pruned.read_text().splitlines()] if run_paths.pruned.is_file() else [],
+        # Which checkpoints the result came from: resumed (from which), or started afresh.
+        lineage={"settings_hash": lineage.settings_hash(key), "resumed_from": resumed_from,
+                 "decision": decision.why, "set_aside": str(decision.moved_to) if decision.moved_to else None,
+                 "damaged_set_aside": [str(dest) for _, _, dest in damaged]},
+    )
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _run_driver(wf: Workflow, run: str, settings_path: Path) -> tuple[dict[str, Any], int]:
+    """The training driver on the run's allocation (Slurm + Ray) or as a child process: (job record, exit code)."""
+    r = wf.runs[run]
     if wf.user.launcher == "slurm":
         if r.train.backend == "local":
             factory = functools.partial(process.driver_command, str(settings_path))
@@ -102,41 +149,21 @@ def train_run(wf: Workflow, sentinel: Path, run: str) -> None:
         res = run_ray_job(cluster(wf), spec, factory, max_requeues=r.train.max_requeues, echo_to=sys.stdout.buffer)
         job = {"slurm_job_id": res.slurm_job_id, "ray_job_id": res.job_id, "nodes": res.nodes,
                "gpus": res.gpus, "timings": res.timings, "status": res.status, "attempts": res.attempts}
-        rc = res.exit_code
-    else:
-        if r.train.backend != "local":
-            raise GlmsnakeError(f"run {run}: backend slime needs the GPU cluster (launcher: slurm)",
-                                "use launcher: slurm, or train.backend: local on one machine")
-        rc = process.run_child(process.driver_command(str(settings_path)))
-        job = {"nodes": [os.uname().nodename]}
-    if rc != 0:
-        if full := disk.full_disk_note(ckroot):  # the likeliest cause, and resuming would not help
-            raise GlmsnakeError(f"training driver of run {run} exited with {rc}; {full}", disk.FIX)
-        raise GlmsnakeError(f"training driver of run {run} exited with {rc}",
-                            f"read the step log; rerunning resumes from the latest checkpoint in {ckroot}")
-    final = checkpoints.latest(ckroot) if r.train.backend == "local" else tracker_iteration(ckroot)
-    want = r.rollout.num_rollout - 1
-    if final is None or final < want:
-        raise GlmsnakeError(f"run {run}: training ended at checkpoint {final}, expected iteration {want}",
-                            "rerun the step; it resumes from that checkpoint")
-    run_paths = settings.paths
-    final_folder = ckroot / iter_dir_name(final)
-    records = metrics.read(run_paths.metrics)
-    if records:
-        metrics.plot(records, run_paths.plot, run)
-    atomic.write_sentinel(
-        sentinel, step="train", settings=key,
-        backend=r.train.backend, config_hash=wf.config_hash(run), final_iteration=final,
-        checkpoints=checkpoints.iterations(ckroot) if r.train.backend == "local" else [final],
-        checkpoint_dir=str(ckroot), metrics=str(run_paths.metrics), plot=str(run_paths.plot),
-        final_checkpoint=str(final_folder), final_checkpoint_contents=contents.record(final_folder),
-        metrics_summary=metrics.summary(records), versions=versions(r.train.backend, r.train.slime_dir),
-        job=job, seconds=round(time.monotonic() - t0, 3),
-        # Which checkpoints the result came from: resumed (from which), or started afresh.
-        lineage={"settings_hash": lineage.settings_hash(key), "resumed_from": resumed_from,
-                 "decision": decision.why, "set_aside": str(decision.moved_to) if decision.moved_to else None,
-                 "damaged_set_aside": [str(dest) for _, _, dest in damaged]},
-    )
+        return job, res.exit_code
+    if r.train.backend != "local":
+        raise GlmsnakeError(f"run {run}: backend slime needs the GPU cluster (launcher: slurm)",
+                            "use launcher: slurm, or train.backend: local on one machine")
+    return {"nodes": [os.uname().nodename]}, process.run_child(process.driver_command(str(settings_path)))
+
+
+def check_room_for_checkpoints(wf: Workflow, run: str) -> int:
+    """Before anything is allocated: room for two checkpoints (the next one, and the one retention
+    deletes only after it) under the run folder. Their size: the newest checkpoint there, else
+    the model's count of parameters with optimizer state. Returns that size."""
+    root = wf.paths.run(run).checkpoints
+    size = retention.checkpoint_bytes(root) or model_size.checkpoint_bytes(wf.preset.model)
+    disk.require_room(root, 2 * size, f"training run {run} (two checkpoints of {disk.human(size)} with optimizer state)")
+    return size
 
 
 def check_inputs_unchanged(wf: Workflow, run: str) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from glmsnake import config, recipe, resolve
+from glmsnake import config, recipe, resolve, retention
 from glmsnake.launch import Allocation, Cluster, ContainerSettings, JobSpec, SlurmSettings, run_ray_job
 
 pytestmark = pytest.mark.slurm
@@ -60,8 +60,11 @@ def test_slime_driver_contract_on_8_nodes(slurm_cluster, tmp_path, monkeypatch):
     assert run.train.backend == "slime" and run.train.allocation.nodes == 8 and run.train.allocation.gpus_per_node == 8
     log = tmp_path / "train.log"
     factory = functools.partial(recipe.driver, wf, "default", interface="lo")
-    r = run_ray_job(*_launch(wf, run.train.allocation, "train_default", tmp_path / "logs"), factory, log,
-                    object_store_mb=128)
+    paths = wf.paths.run("default")
+    # Checkpoint retention as the train step runs it around the job, from glmsnake's side: slime is unmodified.
+    with retention.Pruner(paths.checkpoints, retention.Policy(last=2), paths.pruned, paths.disk_warning, 0.05):
+        r = run_ray_job(*_launch(wf, run.train.allocation, "train_default", tmp_path / "logs"), factory, log,
+                        object_store_mb=128)
     text = log.read_text()
     assert r.exit_code == 0, text[-3000:]
     assert r.nodes == [f"node{k}" for k in range(1, 9)] and r.gpus == 64
@@ -103,9 +106,10 @@ def test_slime_driver_contract_on_8_nodes(slurm_cluster, tmp_path, monkeypatch):
     # The Ray cluster it saw: all 8 nodes and 64 GPUs.
     assert rec["ray"]["nodes"] == 8 and rec["ray"]["gpus"] == 64
     assert rec["ray"]["node_ips"] == [f"127.0.0.{10 + k}" for k in range(1, 9)]
-    # Megatron's checkpoint layout (iteration = rollout id; every save_interval and the last).
+    # Megatron's checkpoint layout (iteration = rollout id; every save_interval and the last), the
+    # oldest pruned: slime saved 1, 3 and 5, and retention keeps the last 2.
     ck = wf.paths.run("default").root / "checkpoints"
-    assert sorted(p.name for p in ck.iterdir()) == [
-        "iter_0000001", "iter_0000003", "iter_0000005", "latest_checkpointed_iteration.txt"]
+    assert sorted(p.name for p in ck.iterdir()) == ["iter_0000003", "iter_0000005", "latest_checkpointed_iteration.txt"]
+    assert [json.loads(line)["iteration"] for line in paths.pruned.read_text().splitlines()] == [1]
     assert (ck / "latest_checkpointed_iteration.txt").read_text() == "5"
     assert rec["start_rollout_id"] == 0
