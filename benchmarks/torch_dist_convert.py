@@ -93,15 +93,46 @@ def timed(cmd: list[str]) -> tuple[float, int]:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    for line in proc.stderr.splitlines():
+        if line.startswith("# "):
+            print(line[2:], flush=True)
     lines = proc.stdout.strip().splitlines()
     return wall, int(lines[-1]) if lines and lines[-1].isdigit() else -1
 
 
-def convert_main(hf: str, out: str, writers: int) -> None:
+class Profiled:
+    """A writer rank under cProfile (--profile DIR): stats to DIR/rank<r>.prof. Picklable for spawn."""
+
+    def __init__(self, task, folder: str):
+        self.task, self.folder = task, folder
+
+    def __call__(self):
+        import cProfile
+        import os
+
+        prof = cProfile.Profile()
+        try:
+            return prof.runcall(self.task)
+        finally:
+            prof.dump_stats(f"{self.folder}/rank{os.environ.get('RANK', '0')}.prof")
+
+
+def convert_main(hf: str, out: str, writers: int, profile: str | None = None) -> None:
     from glmsnake.convert import torch_dist
 
+    if profile:
+        real = torch_dist.run_writers_locally
+        torch_dist.run_writers_locally = lambda task, world: real(Profiled(task, profile), world)
+    t0 = time.perf_counter()
     torch_dist.convert(Path(hf), Path(out), None, writers=writers)
+    t1 = time.perf_counter()
     subprocess.run(["sync"], check=True)
+    import torch
+
+    common = torch.load(Path(out) / "release" / "common.pt", weights_only=False)
+    seconds = common["glmsnake"]["writer_seconds"]
+    print(f"# convert() {t1 - t0:.2f} s, sync {time.perf_counter() - t1:.2f} s; each rank's write_share: {seconds}",
+          file=sys.stderr)
     # Largest process: this one (1 writer) or a writer child (ru_maxrss is per process, in KiB).
     peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     print(peak * 1024)
@@ -112,11 +143,12 @@ def main() -> None:
     p.add_argument("--gb", type=float, default=2.5)
     p.add_argument("--dir", default="/tmp/tdbench")
     p.add_argument("--writers", default="1,2")
-    p.add_argument("--_convert", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--profile", help="profile each writer rank of the last --writers count into this folder")
+    p.add_argument("--_convert", nargs="+", help=argparse.SUPPRESS)
     p.add_argument("--_make", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a._convert:
-        convert_main(a._convert[0], a._convert[1], int(a._convert[2]))
+        convert_main(a._convert[0], a._convert[1], int(a._convert[2]), *a._convert[3:])
         return
     if a._make:
         print(json.dumps(synthetic_checkpoint(Path(a._make[0]), glm_shape(float(a._make[1])))))
@@ -139,9 +171,11 @@ def main() -> None:
     shutil.rmtree(base / "hf_copy")
     results["cp"] = cp_s
     print(f"cp -r + sync: {cp_s:.2f} s ({total / cp_s / 1e9:.2f} GB/s)", flush=True)
-    for w in map(int, a.writers.split(",")):
+    counts = list(map(int, a.writers.split(",")))
+    for w in counts:
         out = base / f"td_w{w}"
-        wall, rss = timed([sys.executable, __file__, "--_convert", str(hf), str(out), str(w)])
+        extra = [a.profile] if a.profile and w == counts[-1] else []
+        wall, rss = timed([sys.executable, __file__, "--_convert", str(hf), str(out), str(w), *extra])
         results[f"w{w}"] = {"seconds": wall, "peak_rss": rss}
         print(f"convert, {w} writer(s): {wall:.2f} s = {wall / cp_s:.2f} x cp; peak RSS {rss / 1e9:.2f} GB "
               f"= {rss / largest:.2f} x largest layer", flush=True)
