@@ -134,6 +134,14 @@ class Convert(Strict):
     fp8: Fp8Convert = Fp8Convert()
 
 
+class Export(Strict):
+    """A trained checkpoint back to HF: glmsnake's reader (any torch_dist key layout, one CPU process
+    in the rule's job) or slime's own converter (on an allocation of its own, in the container)."""
+
+    backend: Literal["glmsnake", "slime"] = "glmsnake"
+    allocation: Allocation = Allocation(nodes=1, gpus_per_node=0, cpus_per_task=8, time_min=120, min_time_min=10)
+
+
 class Features(Strict):
     fp8_rollout: bool = False
     mtp_speculative_decoding: bool = False
@@ -226,6 +234,7 @@ class Preset(TrainingGroups):
     eval_datasets: list[str] = []
     model: ModelArgs
     convert: Convert = Convert()
+    export: Export = Export()
     container: Container = Container()
 
 

@@ -77,4 +77,7 @@ def train(wf: Workflow, run: str) -> dict[str, Any]:
 
 
 def export_hf(wf: Workflow, run: str) -> dict[str, Any]:
-    return {"architecture": wf.architecture()}
+    key: dict[str, Any] = {"architecture": wf.architecture()}
+    if wf.preset.export.backend != "glmsnake":  # another writer of the same tensors (named only when chosen)
+        key["backend"] = wf.preset.export.backend
+    return key

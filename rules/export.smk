@@ -14,6 +14,7 @@ rule export_hf:
         PATHS.rule_log("export_hf", "{run}"),
     wildcard_constraints:
         run=RUNS,
+    localrule: WF.preset.export.backend == "slime"  # then it blocks here while submitit holds its node
     resources:
         **slurm_resources(),
     shell:

@@ -347,3 +347,54 @@ def test_slime_backend_runs_torchrun_on_every_node(tiny_hf, tmp_path, monkeypatc
         assert r["env"]["PYTHONPATH"].split(os.pathsep)[0] == "/opt/Megatron-LM"
         assert r["argv"] == [*wf.preset.model.render(), "--hf-checkpoint", str(wf.paths.hf_dir), "--save", stage]
     assert not wf.paths.torch_dist_dir.exists() and not (wf.paths.torch_dist_dir / "glmsnake.done.json").exists()
+
+
+EXPORT_STAND_IN = r'''#!/usr/bin/env python3
+"""TEST-ONLY stand-in for slime's tools/convert_torch_dist_to_hf.py: records its call, then writes the
+HF folder with glmsnake's own reader (slime's would use its own; the contract is the call and the folder)."""
+import json, os, sys
+from pathlib import Path
+record = {"argv": sys.argv[1:], "cwd": os.getcwd(), "pythonpath": os.environ.get("PYTHONPATH")}
+Path(os.environ["GLMSNAKE_STANDIN_DIR"], "export.json").write_text(json.dumps(record))
+if os.environ.get("GLMSNAKE_STANDIN_FAIL"):
+    sys.exit(3)
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+from glmsnake.convert import torch_dist
+torch_dist.export_hf(Path(args["--input-dir"]), Path(args["--origin-hf-dir"]), Path(args["--output-dir"]))
+'''
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["exports", "converter fails"])
+def test_slime_export_backend_runs_slimes_converter(tiny_hf, tmp_path, monkeypatch, fails):
+    """export.backend slime: slime's tool on its own job (local launcher here), on a checkpoint in the
+    Transformer Engine layout slime writes; the step checks and publishes what it wrote, or nothing."""
+    slime = tmp_path / "slime's checkout"
+    (slime / "tools").mkdir(parents=True)
+    (slime / "tools" / "convert_torch_dist_to_hf.py").write_text(EXPORT_STAND_IN)
+    records = tmp_path / "records"
+    records.mkdir()
+    monkeypatch.setenv("GLMSNAKE_STANDIN_DIR", str(records))
+    if fails:
+        monkeypatch.setenv("GLMSNAKE_STANDIN_FAIL", "1")
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # this python3
+    wf = resolve.load({"base_dir": str(tmp_path / "base $dir"), "overrides": {
+        "export": {"backend": "slime"}, "train": {"slime_dir": str(slime), "megatron_dir": "/opt/Megatron-LM"}}})
+    shutil.copytree(tiny_hf, wf.paths.hf_dir)
+    run = wf.paths.run("default")
+    iteration = td.save_hf_state(hf_tensors(tiny_hf), json.loads((tiny_hf / "config.json").read_text()),
+                                 run.checkpoints, 7, names.TE)
+    if fails:
+        with pytest.raises(GlmsnakeError, match="slime's convert_torch_dist_to_hf.py exited with 3"):
+            export_steps.export_hf(wf, run.hf_sentinel, "default")
+        assert not run.hf.exists() and not run.hf_sentinel.exists()
+        return
+    export_steps.export_hf(wf, run.hf_sentinel, "default")
+    rec = json.loads((records / "export.json").read_text())
+    stage = run.hf.with_name(f".{run.hf.name}.partial")
+    assert rec["argv"] == ["--input-dir", str(iteration), "--output-dir", str(stage), "--origin-hf-dir",
+                           str(wf.paths.hf_dir), "--vocab-size", str(wf.preset.model.vocab_size)]
+    assert rec["cwd"] == str(slime) and rec["pythonpath"].split(os.pathsep)[0] == "/opt/Megatron-LM"
+    assert_bit_identical(hf_tensors(run.hf), hf_tensors(tiny_hf))
+    sentinel = json.loads(run.hf_sentinel.read_text())
+    assert sentinel["backend"] == "slime" and sentinel["tensors"] == len(hf_tensors(tiny_hf))
+    assert sentinel["settings"] == {"architecture": wf.architecture(), "backend": "slime"}
