@@ -243,6 +243,38 @@ def test_every_key_layout_round_trips_and_is_detected(tiny_hf, tmp_path, layout)
     assert_bit_identical(hf_tensors(out), hf_tensors(tiny_hf))
 
 
+MEGATRON_SAVED = Path(__file__).parent / "fixtures" / "megatron_saved"
+
+
+@pytest.mark.parametrize("variant", ["stacked", "singleton"])
+def test_checkpoints_megatron_core_wrote_export_to_the_same_model(tmp_path, model_args, variant):
+    """Fixtures written by megatron-core 0.19.2 itself on an H200 (tests/gpu/megatron_check.py
+    --save-variants): the tiny model (seed 0) loaded in fp32 from glmsnake's conversion, saved with
+    its default layout and with `singleton_local_shards`. Our export gives back the same weights,
+    and transformers' fp32 logits match megatron-core's on the same tokens."""
+    import tarfile
+
+    from glmsnake.convert.tiny import make_tiny
+
+    hf = tmp_path / "hf"
+    make_tiny(hf, model_args, seed=0)
+    ckpt = tmp_path / variant
+    with tarfile.open(MEGATRON_SAVED / f"megatron_{variant}.tar") as tar:
+        tar.extractall(ckpt)  # our own fixture
+    out = tmp_path / "exported"
+    summary = td.export_hf(ckpt, hf, out)
+    assert summary["layout"] == {"norms": "local", "experts": variant}
+    assert_bit_identical(hf_tensors(out), hf_tensors(hf))
+    from transformers import Glm4MoeForCausalLM
+
+    saved = torch.load(MEGATRON_SAVED / "megatron_logits.pt", weights_only=True)
+    model = Glm4MoeForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ours = model(saved["ids"]).logits
+    rel = float((ours - saved["logits"]).norm() / saved["logits"].norm())
+    assert rel < 1e-5, rel
+
+
 def test_the_writer_writes_the_te_layout_when_asked(tiny_hf, model_args, tmp_path):
     plan = td.plan_conversion(tiny_hf, model_args, names.TE)
     release = td.convert(tiny_hf, tmp_path / "td", model_args, writers=1, layout=names.TE)

@@ -46,6 +46,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--rel-tol-bf16", type=float, default=2e-2)
     p.add_argument("--rel-tol-fp32", type=float, default=1e-4)
+    p.add_argument("--save-variants", default=None,
+                   help="after loading the first checkpoint in fp32, save megatron-core's own checkpoints here "
+                        "(default layout and singleton_local_shards) with its logits, as test fixtures")
     return p.parse_args()
 
 
@@ -211,6 +214,26 @@ def megatron_forward(model, ids: torch.Tensor, sp: bool) -> tuple[torch.Tensor, 
     return logits, h_in, mtp_logits
 
 
+def save_variants(model, folder: Path, ids: torch.Tensor, logits: torch.Tensor) -> dict:
+    """megatron-core writes the loaded model itself, in each key layout it can produce here (the local
+    spec: stacked experts, and one key per expert with `singleton_local_shards`), plus its fp32
+    logits on `ids`: fixtures for glmsnake's reader."""
+    import inspect
+
+    from megatron.core import dist_checkpointing
+
+    made = {}
+    for name, metadata in (("stacked", {}), ("singleton", {"singleton_local_shards": True})):
+        target = folder / f"megatron_{name}"
+        target.mkdir(parents=True, exist_ok=True)
+        sd = model.sharded_state_dict(metadata=metadata)
+        kwargs = {"content_metadata": metadata} if "content_metadata" in inspect.signature(dist_checkpointing.save).parameters else {}
+        dist_checkpointing.save(sd, str(target), **kwargs)
+        made[name] = sorted(p.name for p in target.iterdir())
+    torch.save({"ids": ids.cpu(), "logits": logits.float().cpu()}, folder / "megatron_logits.pt")
+    return made
+
+
 def hf_reference(hf_dir: Path, dtype: torch.dtype):
     from transformers import Glm4MoeForCausalLM
 
@@ -297,6 +320,9 @@ def check_dtype(args, dname, hf, hf_dir, ids, rank, out, report) -> None:
         if rank != 0:
             continue
         run = {"checkpoint": name, "dtype": dname, **load, "logits": errors(logits, ref_logits)}
+        if args.save_variants and dtype == torch.float32 and "saved_variants" not in report:
+            torch.distributed.barrier()
+            report["saved_variants"] = save_variants(model, Path(args.save_variants), ids, logits)
         if mtp_logits is not None:
             try:
                 mtp_ref = hf_mtp_reference(ref, hf_dir, ids, h_in, dtype)
