@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -144,6 +145,7 @@ def main() -> None:
     p.add_argument("--dir", default="/tmp/tdbench")
     p.add_argument("--writers", default="1,2")
     p.add_argument("--profile", help="profile each writer rank of the last --writers count into this folder")
+    p.add_argument("--writeback-mb", default="256", help="GLMSNAKE_WRITEBACK_MB values to compare, e.g. 0,256")
     p.add_argument("--_convert", nargs="+", help=argparse.SUPPRESS)
     p.add_argument("--_make", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -172,14 +174,16 @@ def main() -> None:
     results["cp"] = cp_s
     print(f"cp -r + sync: {cp_s:.2f} s ({total / cp_s / 1e9:.2f} GB/s)", flush=True)
     counts = list(map(int, a.writers.split(",")))
-    for w in counts:
-        out = base / f"td_w{w}"
-        extra = [a.profile] if a.profile and w == counts[-1] else []
-        wall, rss = timed([sys.executable, __file__, "--_convert", str(hf), str(out), str(w), *extra])
-        results[f"w{w}"] = {"seconds": wall, "peak_rss": rss}
-        print(f"convert, {w} writer(s): {wall:.2f} s = {wall / cp_s:.2f} x cp; peak RSS {rss / 1e9:.2f} GB "
-              f"= {rss / largest:.2f} x largest layer", flush=True)
-        shutil.rmtree(out)
+    for mb in a.writeback_mb.split(","):
+        os.environ["GLMSNAKE_WRITEBACK_MB"] = mb
+        for w in counts:
+            out = base / f"td_w{w}"
+            extra = [a.profile] if a.profile and w == counts[-1] else []
+            wall, rss = timed([sys.executable, __file__, "--_convert", str(hf), str(out), str(w), *extra])
+            results[f"w{w}" + ("" if mb == "256" else f"_wb{mb}")] = {"seconds": wall, "peak_rss": rss}
+            print(f"convert, {w} writer(s), writeback every {mb} MB: {wall:.2f} s = {wall / cp_s:.2f} x cp; "
+                  f"peak RSS {rss / 1e9:.2f} GB = {rss / largest:.2f} x largest layer", flush=True)
+            shutil.rmtree(out)
     if "w1" in results and "w2" in results:
         print(f"scaling 1 -> 2 writers: {results['w1']['seconds'] / results['w2']['seconds']:.2f}x speed-up")
     print(json.dumps({"total_bytes": total, "largest_layer_bytes": largest, **results}))

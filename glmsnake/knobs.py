@@ -54,6 +54,7 @@ RELEASE_GRACE_S = _knob("GLMSNAKE_RELEASE_GRACE_S", "10", "timing", "after a fai
 RENDEZVOUS_TIMEOUT_S = _knob("GLMSNAKE_RENDEZVOUS_TIMEOUT_S", "300", "timing", "how long a task waits for rank 0's address and port")
 RAY_WORKER_PORTS = _knob("GLMSNAKE_RAY_WORKER_PORTS", "200", "timing", "Ray worker ports reserved per node")
 RAY_START_SLOTS = _knob("GLMSNAKE_RAY_START_SLOTS", "8", "timing", "concurrent `ray start --address` on one host")
+WRITEBACK_MB = _knob("GLMSNAKE_WRITEBACK_MB", "256", "timing", "torch_dist writers flush to disk every this many MB while writing; 0: only at the end")
 PRUNE_INTERVAL_S = _knob("GLMSNAKE_PRUNE_INTERVAL_S", "30", "timing", "how often checkpoints are pruned while training runs")
 RAY_WORKER_LOG_MONITOR = _knob("GLMSNAKE_RAY_WORKER_LOG_MONITOR", "1", "timing", "0: no Ray log monitor on worker nodes (benchmark comparison)")
 
