@@ -111,14 +111,17 @@ class Pruner:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.once()
+        self._once_safely()  # the last save's turn; a failure here must not hide the job's own
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
-            try:
-                self.once()
-            except OSError as e:  # pruning must never take training down with it
-                self.log(f"[glmsnake] WARNING: pruning checkpoints under {self.root} failed: {e}")
+            self._once_safely()
+
+    def _once_safely(self) -> None:
+        try:
+            self.once()
+        except OSError as e:  # pruning must never take training down with it
+            self.log(f"[glmsnake] WARNING: pruning checkpoints under {self.root} failed: {e}")
 
     def once(self) -> None:
         if self.policy is not None:
