@@ -265,7 +265,8 @@ def test_killed_run_resumes_from_its_checkpoint_then_step_and_export(base, learn
     from glmsnake.steps.train import train_run as step, write_settings
 
     s_ref, _, ref_records = learned
-    wf = resolve.load({"base_dir": str(base), "runs": {"resumed": TINY_RUN}})
+    # Every checkpoint kept (slime's behaviour): "nothing deleted" is this test's to assert.
+    wf = resolve.load({"base_dir": str(base), "runs": {"resumed": {**TINY_RUN, "train": {"keep_checkpoints": None}}}})
     settings, path = write_settings(wf, "resumed")
     ck = Path(settings.checkpoint_root)
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -34,8 +34,10 @@ from conftest import snakemake  # noqa: E402
 
 SHORT = "{default: {rollout: {num_rollout: 4}, train: {save_interval: 2}}}"
 # A second run for the requeue test: 2 nodes, long enough to be signalled mid-run.
+# The resume tests keep every checkpoint (keep_checkpoints: null, slime's own behaviour) so that
+# "nothing deleted" is theirs to assert; retention has tests of its own (tests/test_retention.py).
 WITH_RQ = ("{default: {rollout: {num_rollout: 4}, train: {save_interval: 2}}, "
-           "rq: {rollout: {num_rollout: 160}, train: {save_interval: 8, allocation: {nodes: 2}}}}")
+           "rq: {rollout: {num_rollout: 160}, train: {save_interval: 8, keep_checkpoints: null, allocation: {nodes: 2}}}}")
 
 
 def _scontrol(job_id: str) -> dict[str, str]:
@@ -220,7 +222,7 @@ def test_time_limit_ends_training_and_the_rerun_resumes(slurm_cluster, wf_env, b
     alloc = "allocation: {nodes: 2, time_min: 1, min_time_min: 1}"
     # max_requeues 0: the time limit ends it, no requeue.
     long_run = f"{{default: {{rollout: {{num_rollout: 4}}, train: {{save_interval: 2}}}}, " \
-               f"tl: {{rollout: {{num_rollout: 5000}}, train: {{save_interval: 8, max_requeues: 0, {alloc}}}}}}}"
+               f"tl: {{rollout: {{num_rollout: 5000}}, train: {{save_interval: 8, max_requeues: 0, keep_checkpoints: null, {alloc}}}}}}}"
     env = wf_env
     t0 = time.time()
     first = snakemake(base, *_args(base, "train", long_run), env=env, check=False)
@@ -236,7 +238,8 @@ def test_time_limit_ends_training_and_the_rerun_resumes(slurm_cluster, wf_env, b
     last = cut_iters[-1]
     total = last + 1 + 16
     rerun = f"{{default: {{rollout: {{num_rollout: 4}}, train: {{save_interval: 2}}}}, " \
-            f"tl: {{rollout: {{num_rollout: {total}}}, train: {{save_interval: 8, max_requeues: 0, allocation: {{nodes: 2}}}}}}}}"
+            f"tl: {{rollout: {{num_rollout: {total}}}, train: {{save_interval: 8, max_requeues: 0, keep_checkpoints: null, "
+            f"allocation: {{nodes: 2}}}}}}}}"
     out = snakemake(base, *_args(base, "train", rerun), env=env).stdout
     assert "localrule train_run" in out
     s = json.loads((run_dir / "glmsnake.done.json").read_text())
