@@ -238,7 +238,7 @@ def test_time_limit_ends_training_and_the_rerun_resumes(slurm_cluster, wf_env, b
     last = cut_iters[-1]
     total = last + 1 + 16
     rerun = f"{{default: {{rollout: {{num_rollout: 4}}, train: {{save_interval: 2}}}}, " \
-            f"tl: {{rollout: {{num_rollout: {total}}}, train: {{save_interval: 8, max_requeues: 0, keep_checkpoints: null, "
+            f"tl: {{rollout: {{num_rollout: {total}}}, train: {{save_interval: 8, max_requeues: 0, keep_checkpoints: null, " \
             f"allocation: {{nodes: 2}}}}}}}}"
     out = snakemake(base, *_args(base, "train", rerun), env=env).stdout
     assert "localrule train_run" in out
