@@ -15,6 +15,7 @@ from glmsnake.config import Workflow
 from glmsnake.convert.arch import check_hf_config
 from glmsnake.disk import existing_ancestor
 from glmsnake.errors import GlmsnakeError
+from glmsnake.paths import Paths
 
 
 def input_problems(wf: Workflow) -> list[tuple[str, str]]:
@@ -22,12 +23,21 @@ def input_problems(wf: Workflow) -> list[tuple[str, str]]:
     out = []
     weights = wf.preset.weights.source
     if weights.startswith("local:"):
-        out += _local_weights(wf.local_path(weights)) or _local_config(wf, wf.local_path(weights))
+        path = wf.local_path(weights)
+        out += _checked(path, lambda: _local_weights(path) or _local_config(wf, path))
     for name, ds in wf.preset.datasets.items():
         if ds.source.startswith("local:"):
-            out += [(f"datasets.{name}: {p}", f) for p, f in _local_dataset(wf.local_path(ds.source))]
-    out += _base_dir(wf.base)
+            path = wf.local_path(ds.source)
+            out += [(f"datasets.{name}: {p}", f) for p, f in _checked(path, lambda: _local_dataset(path))]
+    out += _checked(wf.base, lambda: _base_dir(wf.base) or _moved_base(wf))
     return out
+
+
+def _checked(path: Path, check) -> list[tuple[str, str]]:
+    try:
+        return check()
+    except OSError as e:  # a folder on the way this user may not enter
+        return [(f"cannot look at {path}: {e.strerror} ({e.filename})", "fix the path, or its permissions")]
 
 
 def _local_weights(path: Path) -> list[tuple[str, str]]:
@@ -72,4 +82,24 @@ def _base_dir(base: Path) -> list[tuple[str, str]]:
         return [(f"base_dir {base}: {at} is a file, not a folder", fix)]
     if os.statvfs(at).f_flag & os.ST_RDONLY:
         return [(f"base_dir {base} is on a read-only file system ({at})", fix)]
+    if not os.access(at, os.W_OK | os.X_OK):
+        return [(f"base_dir {base}: this user may not write in {at}", fix)]
     return []
+
+
+def _moved_base(wf: Workflow) -> list[tuple[str, str]]:
+    """A relative base_dir that meant the cwd before it meant the project folder: outputs left there
+    would be made again from scratch in the new place; say so instead."""
+    relative = Path(wf.user.base_dir).expanduser()
+    if relative.is_absolute() or wf.project_dir is None:
+        return []
+    old = Path(os.path.normpath(Path.cwd() / relative))
+    if old == wf.base or not _has_outputs(wf, old) or _has_outputs(wf, wf.base):
+        return []
+    return [(f"base_dir {wf.user.base_dir!r} is {wf.base} (a relative base_dir starts at the config's project "
+             f"folder), but the outputs are in {old}", f"set base_dir: {old} (or move that folder to {wf.base})")]
+
+
+def _has_outputs(wf: Workflow, base: Path) -> bool:
+    paths = Paths(base, wf.preset.model_name)
+    return paths.hf_manifest.is_file() or (base / "runs").is_dir()

@@ -108,6 +108,10 @@ def check_run(preset: "Preset", run: "Run") -> list[tuple[str, str]]:
                 "choose a save_interval that divides num_rollout",
             )
         )
+    if preset.export.backend == "slime" and run.train.backend == "local":
+        out.append(("export.backend slime runs slime's converter, which reads slime's own checkpoints (their "
+                    "common.pt holds slime's args); this run trains with the local trainer",
+                    "set export.backend: glmsnake (it reads either), or train.backend: slime"))
     if run.features.mtp_training and not (m.mtp_num_layers or 0) >= 1:
         out.append(("features.mtp_training needs an MTP layer", "set model.mtp_num_layers: 1 (GLM-4.7 has one)"))
     if run.features.mtp_training and not run.mtp.enable_mtp_training:

@@ -64,8 +64,10 @@ def present(root: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in root.iterdir() if (m := ITER.match(p.name)) and p.is_dir())
 
 
-def prune(root: Path, policy: Policy, log: Callable[[str], None] = print) -> list[dict]:
-    """Delete what the rule does not keep; one record (iteration, bytes freed, time) per deletion."""
+def prune(root: Path, policy: Policy, log: Callable[[str], None] = print,
+          record: Callable[[dict], None] = lambda r: None) -> list[dict]:
+    """Delete what the rule does not keep; one record (iteration, bytes freed, time) per deletion,
+    handed to `record` as soon as that deletion is done."""
     root = Path(root)
     for leftover in root.glob(f"{DELETING}*") if root.is_dir() else []:
         shutil.rmtree(leftover, ignore_errors=True)  # a pass killed half-way: never a whole checkpoint
@@ -74,21 +76,34 @@ def prune(root: Path, policy: Policy, log: Callable[[str], None] = print) -> lis
     for iteration in delete:
         folder = root / f"iter_{iteration:07d}"
         size = disk.bytes_under(folder)
-        hidden = root / f"{DELETING}{folder.name}"
+        hidden = root / f"{DELETING}{folder.name}.{os.getpid()}.{time.time_ns()}"  # unique: a stuck leftover never blocks
         os.rename(folder, hidden)  # from here on, iter_XXXXXXX is gone as a whole
         fsync_dir(root)
-        shutil.rmtree(hidden)
-        record = {"iteration": iteration, "bytes": size, "time": round(time.time(), 3)}
-        records.append(record)
+        shutil.rmtree(hidden, ignore_errors=True)  # what stays (NFS's open files) goes on the next pass
+        records.append({"iteration": iteration, "bytes": size, "time": round(time.time(), 3)})
+        record(records[-1])
         log(f"[glmsnake] pruned checkpoint iter {iteration} ({disk.human(size)} freed; "
             f"keeping the last {policy.last}{f' and every {policy.every}th' if policy.every else ''})")
     return records
 
 
+def read_records(path: Path) -> list[dict]:
+    """The deletions recorded so far (a line cut short by a full disk is skipped)."""
+    out = []
+    for line in Path(path).read_text().splitlines() if Path(path).is_file() else []:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
 def checkpoint_bytes(root: Path) -> int | None:
-    """The size of the newest checkpoint present, or None."""
-    its = present(root)
-    return disk.bytes_under(Path(root) / f"iter_{its[-1]:07d}") if its else None
+    """The size of a complete checkpoint: the one the tracker names (a newer folder may be half
+    written), else None."""
+    tracker = read_tracker(root)
+    folder = Path(root) / f"iter_{tracker:07d}" if tracker is not None else None
+    return disk.bytes_under(folder) if folder is not None and folder.is_dir() else None
 
 
 class Pruner:
@@ -102,7 +117,7 @@ class Pruner:
         self.interval, self.log = interval, log
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="glmsnake-pruner", daemon=True)
-        self._seen: set[int] = set(present(self.root))
+        self._tracker = read_tracker(self.root)
 
     def __enter__(self) -> "Pruner":
         self._thread.start()
@@ -120,18 +135,20 @@ class Pruner:
     def _once_safely(self) -> None:
         try:
             self.once()
-        except OSError as e:  # pruning must never take training down with it
-            self.log(f"[glmsnake] WARNING: pruning checkpoints under {self.root} failed: {e}")
+        except Exception as e:  # noqa: BLE001 - pruning must never take training down with it
+            self.log(f"[glmsnake] WARNING: pruning checkpoints under {self.root} failed: {e!r}")
+
+    def _record(self, record: dict) -> None:
+        self.record_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.record_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def once(self) -> None:
         if self.policy is not None:
-            for record in prune(self.root, self.policy, self.log):
-                self.record_file.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.record_file, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-        new = set(present(self.root)) - self._seen
-        if new:  # a save happened: is there room for the next one, and one more?
-            self._seen |= new
+            prune(self.root, self.policy, self.log, self._record)
+        tracker = read_tracker(self.root)
+        if tracker != self._tracker:  # a save completed: is there room for the next one, and one more?
+            self._tracker = tracker
             self.check_room()
 
     def check_room(self) -> None:

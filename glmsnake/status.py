@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from glmsnake import disk
+from glmsnake import disk, retention
 from glmsnake.config import Workflow
 from glmsnake.errors import GlmsnakeError
 
@@ -40,8 +40,7 @@ def show_status(wf: Workflow, run: str | None) -> int:
         latest = checkpoints.latest(run_paths.checkpoints)
         finished = run_paths.sentinel.is_file()
         console.print(f"  latest checkpoint: {latest if latest is not None else 'none'}; {'finished' if finished else 'not finished'}")
-        if run_paths.pruned.is_file():
-            pruned = [json.loads(line) for line in run_paths.pruned.read_text().splitlines()]
+        if pruned := retention.read_records(run_paths.pruned):
             console.print(f"  pruned checkpoints: {len(pruned)} ({disk.human(sum(p['bytes'] for p in pruned))} freed), "
                           f"last iter {pruned[-1]['iteration']}")
         if run_paths.disk_warning.is_file():

@@ -130,6 +130,8 @@ def config_cases() -> list[Case]:
         Case("slime misses its final save", ("num_rollout=3000 is not a multiple of save_interval=7",),
              "choose a save_interval that divides num_rollout",
              {"preset": RECIPE, "launcher": "slurm", "runs": {"r": {"train": {"save_interval": 7}}}}, run=("slurm", "train")),
+        Case("slime export of a local-trainer run", ("export.backend slime runs slime's converter",),
+             "set export.backend: glmsnake", {"overrides": {"export": {"backend": "slime"}}}),
         Case("layout on the slurm profile", ("TP=3 does not divide the 4 attention heads",), "set tensor_model_parallel_size",
              {"launcher": "slurm", "overrides": {"perf": {"tensor_model_parallel_size": 3}}}, run=("slurm", "train")),
         Case("YAML syntax", ("config/config.yaml:3:1: not valid YAML",), "fix the YAML syntax at that line",
@@ -257,7 +259,7 @@ def disk_cases() -> list[Case]:
              {"base_dir": "{case}/mnt", "overrides": {"datasets": {"prompt": {"source": "local:{case}/big.jsonl"}}}},
              run=("snakemake", "{case}/mnt/data/prompt.jsonl"), code=1, step_output="data/prompt.jsonl", mount="+16k",
              copy=(MODEL, "data"), files={"big.jsonl": GOOD_ROW * 60000}),
-        Case("disk: two checkpoints do not fit", ("training run default (two checkpoints of", "with optimizer state) needs",
+        Case("disk: checkpoints do not fit", ("training run default (4 checkpoints of", "with optimizer state) needs",
                                                   "under {case}/mnt/runs/default/checkpoints, but its file system has"),
              full, {"base_dir": "{case}/mnt"}, run=("snakemake", "{case}/mnt/runs/default/glmsnake.done.json"), code=1,
              mount="+1024k", step_output="runs/default/glmsnake.done.json", copy=TRAINING_INPUTS),
@@ -470,3 +472,13 @@ def test_the_cli_finds_base_dir_from_any_directory(prepared, tmp_path):
     words = " ".join(plan.stdout.split())  # the table's title wraps
     assert f"base {project / 'results'})" in words and "(nothing)" in words, plan.stdout
     assert (project / ".snakemake").is_dir() and not (elsewhere / ".snakemake").exists()
+    # A config kept elsewhere, run from the folder whose results/ holds the outputs: base_dir used
+    # to mean the cwd; now it means the config's folder, and the outputs there are named, not redone.
+    other = elsewhere / "exp.yaml"
+    other.write_text("base_dir: results\nruns: {default: {}}\n")
+    moved = subprocess.run([glmsnake, "status", "--configfile", str(other)], cwd=project, env=env,
+                           capture_output=True, text=True)
+    assert moved.returncode == 2 and "Traceback" not in moved.stderr, moved.stderr
+    words = " ".join(moved.stderr.split())
+    assert f"base_dir 'results' is {elsewhere / 'results'}" in words and f"but the outputs are in {project / 'results'}" in words
+    assert f"fix: set base_dir: {project / 'results'}" in words

@@ -50,7 +50,6 @@ CASES = [
     ("FP8 strategy", ["overrides={convert: {fp8: {strategy: channel}}}"], {"convert_fp8"}),
     ("FP8 block size", ["overrides={convert: {fp8: {block_size: [16, 16]}}}"], {"convert_fp8"}),
     ("FP8 workers", ["overrides={convert: {fp8: {workers: 1}}}"], set()),
-    ("export backend", ["overrides={export: {backend: slime}}"], {"export_hf"}),
     ("torch_dist writer layout", ["overrides={convert: {torch_dist: {layout: te}}}"], {"convert_torch_dist", *TRAIN}),
     # A MODEL arg config.json does not state (a changed one it states is refused at load: tests/test_bad_input.py).
     ("architecture, same local weights", ["overrides={model: {norm_epsilon: 1.0e-6}}"],

@@ -410,7 +410,8 @@ def test_slime_export_backend_runs_slimes_converter(tiny_hf, tmp_path, monkeypat
         monkeypatch.setenv("GLMSNAKE_STANDIN_FAIL", "1")
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # this python3
     wf = resolve.load({"base_dir": str(tmp_path / "base $dir"), "overrides": {
-        "export": {"backend": "slime"}, "train": {"slime_dir": str(slime), "megatron_dir": "/opt/Megatron-LM"}}})
+        "export": {"backend": "slime"},
+        "train": {"backend": "slime", "slime_dir": str(slime), "megatron_dir": "/opt/Megatron-LM"}}})
     shutil.copytree(tiny_hf, wf.paths.hf_dir)
     run = wf.paths.run("default")
     iteration = td.save_hf_state(hf_tensors(tiny_hf), json.loads((tiny_hf / "config.json").read_text()),

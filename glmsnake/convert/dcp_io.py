@@ -161,10 +161,12 @@ class Writeback:
     def __init__(self, fd: int, every: int):
         self.fd, self.every, self.pending = fd, every, 0
         self._due, self._stop = threading.Event(), False
+        self.error: OSError | None = None  # Linux reports a writeback error once: it must reach the writer
         self._thread = threading.Thread(target=self._loop, name="glmsnake-writeback", daemon=True)
         self._thread.start()
 
     def wrote(self, nbytes: int) -> None:
+        self._raise()
         self.pending += nbytes
         if self.every and self.pending >= self.every:
             self.pending = 0
@@ -176,12 +178,21 @@ class Writeback:
             self._due.clear()
             if self._stop:
                 return
-            os.fdatasync(self.fd)
+            try:
+                os.fdatasync(self.fd)
+            except OSError as e:
+                self.error = e
+                return
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
 
     def close(self) -> None:
         self._stop = True
         self._due.set()
         self._thread.join()
+        self._raise()
 
 
 class DistcpFile:
@@ -209,10 +220,14 @@ class DistcpFile:
         self.entries.append(DcpEntry(fqn, self.name, start, len(data)))
 
     def close(self) -> list[DcpEntry]:
-        self.f.flush()
-        self.writeback.close()
-        os.fsync(self.f.fileno())
-        self.f.close()
+        try:
+            try:
+                self.f.flush()
+            finally:
+                self.writeback.close()  # stops the thread, and raises what it met
+            os.fsync(self.f.fileno())
+        finally:
+            self.f.close()
         return self.entries
 
 

@@ -60,5 +60,7 @@ def slime_export(wf: Workflow, run: str, ckpt: Path, stage: Path) -> dict:
         keys = out.keys()
     arch = names.GlmArch.from_hf_config(td.read_hf_config(wf.paths.hf_dir))
     names.check_hf_keys(arch, keys, f"slime's export {stage}")
+    for leftover in [*stage.glob("glmsnake.*"), stage / ".glmsnake.files"]:  # copied from the weights' folder
+        leftover.unlink(missing_ok=True)
     files = sorted(p.name for p in stage.glob("*.safetensors"))
     return {"backend": "slime", "files": files, "tensors": len(keys), "job": job_record(rec)}

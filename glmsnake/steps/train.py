@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import subprocess
 import sys
@@ -121,7 +120,7 @@ def train_run(wf: Workflow, sentinel: Path, run: str) -> None:
         final_checkpoint=str(final_folder), final_checkpoint_contents=contents.record(final_folder),
         metrics_summary=metrics.summary(records), versions=versions(r.train.backend, r.train.slime_dir),
         job=job, seconds=round(time.monotonic() - t0, 3), checkpoint_bytes=checkpoint_size,
-        pruned=[json.loads(line) for line in run_paths.pruned.read_text().splitlines()] if run_paths.pruned.is_file() else [],
+        pruned=retention.read_records(run_paths.pruned),
         # Which checkpoints the result came from: resumed (from which), or started afresh.
         lineage={"settings_hash": lineage.settings_hash(key), "resumed_from": resumed_from,
                  "decision": decision.why, "set_aside": str(decision.moved_to) if decision.moved_to else None,
@@ -157,12 +156,23 @@ def _run_driver(wf: Workflow, run: str, settings_path: Path) -> tuple[dict[str, 
 
 
 def check_room_for_checkpoints(wf: Workflow, run: str) -> int:
-    """Before anything is allocated: room for two checkpoints (the next one, and the one retention
-    deletes only after it) under the run folder. Their size: the newest checkpoint there, else
-    the model's count of parameters with optimizer state. Returns that size."""
+    """Before anything is allocated: room under the run folder for the checkpoints still to come, as
+    many as retention holds at once (`last` kept plus the one being written; at least two, at most
+    the saves left; milestones not counted). Their size: the tracker's checkpoint there, else the
+    model's parameters with optimizer state. A finished run (only its sentinel missing) needs none.
+    Returns that size."""
+    r = wf.runs[run]
     root = wf.paths.run(run).checkpoints
     size = retention.checkpoint_bytes(root) or model_size.checkpoint_bytes(wf.preset.model)
-    disk.require_room(root, 2 * size, f"training run {run} (two checkpoints of {disk.human(size)} with optimizer state)")
+    done = retention.read_tracker(root)
+    n, every = r.rollout.num_rollout, r.train.save_interval
+    saves_left = sum(1 for i in range(0 if done is None else done + 1, n) if (i + 1) % every == 0 or i == n - 1)
+    keep = r.train.keep_checkpoints
+    held = len(retention.present(root))
+    count = min(saves_left, max(2, (keep.last + 1 - held) if keep else 2))
+    if count:
+        disk.require_room(root, count * size, f"training run {run} ({count} checkpoints of {disk.human(size)} "
+                                              "with optimizer state)")
     return size
 
 
