@@ -173,6 +173,12 @@ class Train(Strict):
     )
     seed: int = 1234
     slime_dir: str = "/root/slime"
+
+    @field_validator("keep_checkpoints", mode="before")
+    @classmethod
+    def _keep_all(cls, v: Any) -> Any:
+        # Snakemake's `--config runs={r: {train: {keep_checkpoints: null}}}` hands over the string.
+        return None if isinstance(v, str) and v.strip().lower() in ("null", "none", "~") else v
     megatron_dir: str = "/root/Megatron-LM"
 
 
