@@ -4,8 +4,9 @@
 and `glmsnake_trainer_state.pt` (fp32 master weights, Adam state, RNG states, the rollout
 id to continue from): Megatron keeps the optimizer in the same folder. A checkpoint is
 built in `<root>/.stage_iter_XXXXXXX/`, renamed into place when complete, and only then is
-`latest_checkpointed_iteration.txt` replaced. Checkpoints are never deleted; a stage left by
-a killed attempt is the only thing removed (it was never complete).
+`latest_checkpointed_iteration.txt` replaced. The trainer deletes no checkpoint (a stage left
+by a killed attempt is the only thing it removes: it was never complete); retention, outside the
+trainer, prunes old ones by the run's `keep_checkpoints` (glmsnake/retention.py).
 
 Iteration = the id of the last rollout trained, slime's convention (`save_model(rollout_id)`;
 on load `start_rollout_id = iteration + 1`): resuming from `iter_0000007` continues with
