@@ -1,8 +1,9 @@
 """Ray's temp folders: one per node of a job, removed when the node's Ray stops.
 
 Ray keeps sockets, session logs and runtime envs in its `--temp-dir`. Ours is short (unix
-socket paths are limited), named after the job and node rank (`/tmp/rj<job>n<rank>`), and
-deleted at teardown; a folder a killed job left behind is deleted by the next Ray job on the
+socket paths are limited), named after the job, Slurm's restart count and the node rank
+(`/tmp/rj<job>n<rank>`, `/tmp/rj<job>r<k>n<rank>` after the k-th requeue), and deleted at
+teardown; a folder a killed job left behind is deleted by the next Ray job on the
 node once Slurm no longer runs the job it belongs to.
 """
 
@@ -14,23 +15,31 @@ import shutil
 from pathlib import Path
 
 from glmsnake.launch import slurm
+from glmsnake.launch.task import attempt
 
-TEMP_DIR_NAME = re.compile(r"rj(\d+)n(\d+)")
-
-
-def node_mark(job_id: str, rank: int) -> str:
-    """The mark of one node of a job (`knobs.RAY_JOB` in its Ray processes): also its temp folder's name."""
-    return f"{job_id}n{rank}"
+TEMP_DIR_NAME = re.compile(r"rj(\d+)(?:r\d+)?n(\d+)")
 
 
-def temp_dir(job_id: str, rank: int) -> str:
+def node_mark(job_id: str, rank: int, restarts: int | None = None) -> str:
+    """The mark of one node of one attempt of a job (`knobs.RAY_JOB` in its Ray processes): also its
+    temp folder's name.
+
+    A requeued job keeps its id, and Slurm may start the next attempt on the same node while the
+    ending one still tears down: each attempt's mark (and folder) is its own, so one attempt's
+    teardown never stops, or deletes the folder of, the next one's Ray.
+    """
+    k = attempt() if restarts is None else restarts
+    return f"{job_id}n{rank}" if k == 0 else f"{job_id}r{k}n{rank}"
+
+
+def temp_dir(job_id: str, rank: int, restarts: int | None = None) -> str:
     """Ray's --temp-dir of one node of a job: short (unix socket paths), and one per node.
 
     Several raylets of one session on one host (the test cluster) would otherwise pick
     their socket names (`sockets/raylet.N`) in the same folder, which races when they start
     at the same moment ("The current node timed out during startup").
     """
-    return f"/tmp/rj{node_mark(job_id, rank)}"
+    return f"/tmp/rj{node_mark(job_id, rank, restarts)}"
 
 
 def remove_temp(temp: Path, keep_logs_in: Path | None = None) -> None:

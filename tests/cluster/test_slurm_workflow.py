@@ -181,6 +181,13 @@ def test_requeue_comes_back_by_itself_and_resumes(slurm_cluster, wf_env, base, t
         while time.time() < deadline:
             j = _scontrol(job_id)
             if j.get("Restarts") == "1" and j.get("JobState") == "PENDING":
+                # Released once Slurm has finished the first attempt (nodes idle, its processes
+                # gone), as after the 120 s hold: started sooner, the new attempt meets the old
+                # one's late kill and completion on the same node, which no real requeue sees.
+                slurm_cluster.wait_idle(timeout=60)
+                gone = time.time() + 30
+                while time.time() < gone and slurm_cluster.leftovers():
+                    time.sleep(0.3)
                 subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
                 break
             time.sleep(0.3)
