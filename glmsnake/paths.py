@@ -12,6 +12,7 @@ named once. Nothing here touches the disk.
                                          previous/<settings hash>/ (checkpoints of earlier settings),
                                          pruned_checkpoints.jsonl, disk_warning.json
     <base>/logs/<rule>[.<wildcard>].log  one log per rule; <base>/logs/<job>/ for multi-node jobs
+    <base>/task-runtime/<version>/       pure-Python code that tasks in the container import
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class Paths:
     fp8_sentinel = _Join("fp8_dir", SENTINEL)
     data_dir = _Join("base", "data")
     logs = _Join("base", "logs")
+    task_runtime = _Join("base", "task-runtime")  # <version>/: what container tasks import (launch.task_runtime)
 
     def dataset(self, name: str) -> Path:
         return self.data_dir / f"{name}.jsonl"

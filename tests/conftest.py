@@ -55,6 +55,19 @@ def tiny_hf(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def container_images(tmp_path_factory) -> dict[str, str]:
+    """Emulated container images (tests/container_image.py) for the session; their environment is
+    set for the whole session, so Slurm jobs submitted from here see it too."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        skip_or_fail("the container emulation needs root and unshare (a mount namespace per task)")
+    from container_image import emulate_images
+
+    env = emulate_images(tmp_path_factory.mktemp("images"))
+    os.environ.update(env)
+    return env
+
+
 @pytest.fixture
 def hub_server(monkeypatch):
     from hub_server import HubServer

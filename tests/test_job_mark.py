@@ -19,7 +19,7 @@ RENAME_AND_WAIT = (
 
 
 def test_renamed_ray_process_keeps_its_job_mark():
-    env = ray_env("127.0.0.1", "token", {knobs.RAY_JOB.name: "424242n3"})
+    env = ray_env("127.0.0.1", {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "t"}, {knobs.RAY_JOB.name: "424242n3"})
     proc = subprocess.Popen([sys.executable, "-c", RENAME_AND_WAIT], env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "renamed"

@@ -6,10 +6,12 @@ One mapping serves the tiny factory (which writes config.json) and the conversio
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from glmsnake.errors import GlmsnakeError
-from glmsnake.recipe.args import ModelArgs
+
+if TYPE_CHECKING:  # the writer tasks import this module in the container: no pydantic there
+    from glmsnake.recipe.args import ModelArgs
 
 
 def hf_fields(m: ModelArgs) -> dict[str, Any]:

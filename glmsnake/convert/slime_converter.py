@@ -13,7 +13,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from glmsnake.errors import GlmsnakeError
 
@@ -22,6 +22,7 @@ SCRIPT = "tools/convert_hf_to_torch_dist.py"
 
 @dataclass(frozen=True)
 class SlimeConverter:
+    needs: ClassVar[tuple[str, ...]] = ("torch",)  # from the image: torchrun runs slime's tool
     model_args: tuple[str, ...]  # MODEL_ARGS, rendered
     hf_dir: str
     save_dir: str

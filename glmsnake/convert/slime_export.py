@@ -14,7 +14,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from glmsnake.errors import GlmsnakeError
 
@@ -23,6 +23,7 @@ SCRIPT = "tools/convert_torch_dist_to_hf.py"
 
 @dataclass(frozen=True)
 class SlimeExporter:
+    needs: ClassVar[tuple[str, ...]] = ("torch",)  # from the image: slime's tool runs on it
     iteration_dir: str  # runs/<run>/checkpoints/iter_XXXXXXX (the tool reads common.pt there)
     output_dir: str  # a staging folder; published by the step when complete
     origin_hf_dir: str  # the run's HF weights: config, tokenizer, and the model class

@@ -149,6 +149,8 @@ class WriterTask:
     Rank 0 gathers the entries over gloo and writes the index. Returns a summary on rank 0.
     """
 
+    needs = ("torch", "safetensors")  # from the task's Python (the image's, in a container)
+
     def __init__(self, plan: WritePlan, ckpt_dir: str, iteration: int | None = None, provenance: dict | None = None):
         self.plan, self.ckpt_dir, self.iteration = plan, ckpt_dir, iteration
         self.provenance = provenance or {}

@@ -30,16 +30,18 @@ def bypass_proxies(address: str) -> None:
     os.environ["no_proxy"] = os.environ["NO_PROXY"] = no_proxy_for(address, dict(os.environ))
 
 
-def ray_env(address: str, token: str, extra: dict[str, str]) -> dict[str, str]:
-    """The environment of one `ray start` on the node at `address` (its processes inherit it)."""
-    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS}
+def ray_env(address: str, auth: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
+    """The environment of one `ray start` on the node at `address` (its processes inherit it).
+
+    `auth`: RAY_AUTH_MODE/RAY_AUTH_TOKEN where the node's Ray has token auth (ray_version.auth_env).
+    """
+    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS and not k.startswith("RAY_AUTH_")}
     no_proxy = no_proxy_for(address, env)
     pp = [str(SITE_DIR)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env.update({
         "no_proxy": no_proxy,
         "NO_PROXY": no_proxy,
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": token,
+        **auth,
         "RAY_USAGE_STATS_ENABLED": "0",
         knobs.BIND_ADDR.name: address,
         # Ray's agents and workers rename themselves with setproctitle, which may overwrite the

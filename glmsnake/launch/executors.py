@@ -22,7 +22,7 @@ import submitit
 from submitit.core import utils as submitit_utils
 
 from glmsnake.errors import GlmsnakeError
-from glmsnake.launch import slurm
+from glmsnake.launch import slurm, task_runtime
 from glmsnake.launch.slurm import SlurmRejected
 from glmsnake.launch.spec import Allocation, Cluster, ContainerSettings, JobSpec
 from glmsnake.launch.task import CheckpointableTask, Task
@@ -31,18 +31,23 @@ from glmsnake.launch.task import CheckpointableTask, Task
 KEEP_ENV = ("SLURM_CONF",)
 
 
-def container_python(container: ContainerSettings) -> tuple[str | None, list[str]]:
-    """(python command, extra srun args) for the container runtime; (None, []) without one."""
+def container_python(container: ContainerSettings, runtime: Path | None = None) -> tuple[str | None, list[str]]:
+    """(python command, extra srun args) for the container runtime; (None, []) without one.
+
+    In a container the task starts from the task runtime folder `runtime` (see task_runtime):
+    the image's python3 imports glmsnake and submitit from there.
+    """
     mounts = list(dict.fromkeys(container.mounts))
+    if container.runtime == "none":
+        return None, []
+    boot = task_runtime.boot_command(runtime, container.image) if runtime else "python3"
     if container.runtime == "pyxis":
         args = [f"--container-image={container.image}", "--container-mount-home"]
         if mounts:
             args.append("--container-mounts=" + ",".join(mounts))
-        return "python3", args
-    if container.runtime == "apptainer":
-        bind = f"--bind {shlex.quote(','.join(mounts))} " if mounts else ""
-        return f"apptainer exec --nv {bind}{shlex.quote(container.image)} python3", []
-    return None, []
+        return boot, args
+    bind = f"--bind {shlex.quote(','.join(mounts))} " if mounts else ""
+    return f"apptainer exec --nv {bind}{shlex.quote(container.image)} {boot}", []
 
 
 def signal_delay_s(allocation: Allocation) -> int:
@@ -66,7 +71,11 @@ def make_executor(cluster: Cluster, job: JobSpec, folder: Path, max_requeues: in
             gpus_per_node=0,
         )
         return ex
-    python, srun_args = container_python(cluster.container)
+    runtime = None
+    if cluster.container.runtime != "none":
+        shared = folder.parent if "%j" in folder.name else folder  # submitit's folder: on shared storage
+        runtime = task_runtime.ensure(Path(cluster.container.task_runtime or shared / "task-runtime"))
+    python, srun_args = container_python(cluster.container, runtime)
     ex = submitit.SlurmExecutor(folder=folder, python=python, max_num_timeout=max_requeues)
     s = cluster.slurm
     params: dict[str, Any] = dict(

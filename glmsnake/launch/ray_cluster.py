@@ -74,6 +74,8 @@ def ray_task(spec: RaySpec) -> dict[str, Any]:
 class RayTaskFn:
     """Picklable zero-argument callable for run_job."""
 
+    needs = ("ray",)  # from the task's Python (the image's, in a container)
+
     def __init__(self, spec: RaySpec):
         self.spec = spec
 

@@ -4,7 +4,7 @@
   every Ray process) gets an explicit `--node-ip-address`, ports picked per job above Ray's
   default worker range and below the ephemeral range, its own worker port range, a short
   `--temp-dir`, the dashboard bound to the head's address, and token auth (RAY_AUTH_MODE=token;
-  the token lives in the job folder, mode 0600).
+  the token lives in the job folder, mode 0600) where the image's Ray has it (ray_version).
 - It waits, with a deadline, until all nodes and GPUs are registered, then runs the driver
   through the Jobs SDK (`jobs`), streaming its log into the step log; meanwhile a lost raylet
   or a failed worker ends the job with an error naming the Slurm node.
@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import time
@@ -28,6 +27,7 @@ from glmsnake.launch.gcs import gcs_nodes
 from glmsnake.launch.job_folder import JobFolder
 from glmsnake.launch.ray_processes import RayNodeLost, RayProcess, RayStartFailed, node_args, reserve_ports, tail
 from glmsnake.launch.ray_temp import node_mark, temp_dir
+from glmsnake.launch.ray_version import auth_env
 
 if TYPE_CHECKING:
     from glmsnake.launch.ray_spec import RaySpec
@@ -43,8 +43,9 @@ def run_head(spec: RaySpec, node: str, address: str, folder: JobFolder, job_id: 
     folder.write_token(token)
     ports = reserve_ports(16 + spec.worker_ports)
     gcs_port, dash_port, client_port, dash_metric, as_metric = ports[6], ports[7], ports[8], ports[9], ports[11]
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)  # for our own GCS/Jobs clients
-    env = ray_env(address, token, {**spec.extra_env, knobs.RAY_JOB.name: node_mark(job_id, 0),
+    auth = auth_env(token)  # {} where the image's Ray has no token auth (it says so)
+    os.environ.update(auth)  # for our own GCS/Jobs clients
+    env = ray_env(address, auth, {**spec.extra_env, knobs.RAY_JOB.name: node_mark(job_id, 0),
                                    "DASHBOARD_METRIC_PORT": str(dash_metric),
                                    "AUTOSCALER_METRIC_PORT": str(as_metric)})
     ports = ports[:10] + ports[16:]  # keep 10.. as the worker range
@@ -91,7 +92,7 @@ def run_head(spec: RaySpec, node: str, address: str, folder: JobFolder, job_id: 
                     )
             return None
 
-        jr = jobs.submit_and_wait(dashboard, driver, spec.log_path, env={"RAY_AUTH_TOKEN": token}, watch=watch,
+        jr = jobs.submit_and_wait(dashboard, driver, spec.log_path, env=auth, watch=watch,
                                   name=f"{spec.job_name}-{job_id}")
         t["driver_done"] = time.time()
         result.update(exit_code=jr.exit_code, ray_job_id=jr.job_id, status=jr.status, message=jr.message)
@@ -116,20 +117,26 @@ def _wait_for_cluster(
     want_gpus = spec.nodes * spec.gpus_per_node
     deadline = time.time() + spec.ready_timeout_s
     nodes: list[dict[str, Any]] = []
+    last_error = ""
     while True:
         _check_worker_failures(folder, spec.nodes)
         if not proc.alive():
             raise RayStartFailed(f"the Ray head on {node} ({address}) exited:\n"
                                  + tail(proc.log.read_text(errors='replace'), 25))
-        with contextlib.suppress(Exception):
+        try:
             nodes = [n for n in gcs_nodes(gcs) if n["alive"]]
+            last_error = ""
+        except Exception as e:  # noqa: BLE001 - the GCS may be busy while nodes join: retried
+            last_error = f"{type(e).__name__}: {e}"
         gpus = sum(n["gpus"] for n in nodes)
         if len(nodes) >= spec.nodes and gpus >= want_gpus:
             return nodes
         if time.time() > deadline:
             raise RayStartFailed(
                 f"Ray cluster not ready after {spec.ready_timeout_s:.0f} s: {len(nodes)}/{spec.nodes} nodes, "
-                f"{gpus:.0f}/{want_gpus} GPUs registered; worker logs: {folder.path}/ray-*.log"
+                f"{gpus:.0f}/{want_gpus} GPUs registered"
+                + (f" (asking the GCS at {gcs} failed: {last_error})" if last_error else "")
+                + f"; worker logs: {folder.path}/ray-*.log"
             )
         time.sleep(0.2)
 

@@ -26,6 +26,7 @@ from glmsnake.launch.gcs import reachable
 from glmsnake.launch.job_folder import JobFolder
 from glmsnake.launch.ray_processes import RayNodeLost, RayProcess, RayStartFailed, node_args, reserve_ports, tail
 from glmsnake.launch.ray_temp import node_mark, temp_dir
+from glmsnake.launch.ray_version import auth_env
 
 if TYPE_CHECKING:
     from glmsnake.launch.ray_spec import RaySpec
@@ -71,8 +72,9 @@ def run_worker(spec: RaySpec, rank: int, node: str, address: str, folder: JobFol
             time.sleep(0.1)
     token = folder.read_token()
     t["head_seen"] = time.time()
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
-    env = ray_env(address, token, {**spec.extra_env, knobs.RAY_JOB.name: node_mark(job_id, rank)})
+    auth = auth_env(token)
+    os.environ.update(auth)
+    env = ray_env(address, auth, {**spec.extra_env, knobs.RAY_JOB.name: node_mark(job_id, rank)})
     log = folder.ray_log(node)
     proc: RayProcess | None = None
     gcs_host, gcs_port = head["gcs"].rsplit(":", 1)

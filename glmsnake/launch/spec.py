@@ -24,6 +24,9 @@ class ContainerSettings:
     runtime: str = "none"  # "none" | "pyxis" | "apptainer"
     image: str = "slimerl/slime:latest"
     mounts: tuple[str, ...] = ()  # already includes the shared base folder; launch adds nothing
+    # Where the task runtime (the pure-Python code tasks import in the image) is written, on
+    # storage the container mounts; None: next to the job's submitit folder.
+    task_runtime: str | None = None
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ side reads back from submitit's result file.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
 import signal
@@ -21,6 +22,7 @@ from typing import Any, Callable, Generic, TypeVar
 import submitit
 
 from glmsnake import knobs
+from glmsnake.errors import GlmsnakeError
 from glmsnake.launch import addresses
 from glmsnake.launch.job_folder import JobFolder
 
@@ -63,8 +65,26 @@ def attempt() -> int:
         return 0
 
 
+def check_image(needs: tuple[str, ...]) -> None:
+    """The packages a task needs from its Python (the container image's): a clear error, naming
+    the image and each missing package, before the task starts anything."""
+    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    if not missing:
+        return
+    image = os.environ.get("GLMSNAKE_CONTAINER_IMAGE")
+    where = f"{image} (python3 {sys.version.split()[0]})" if image else f"this node's Python ({sys.executable})"
+    raise GlmsnakeError(
+        f"{where} has no {', '.join(missing)}; this task needs it",
+        "use an image that has it (slime's own image has ray and torch)" if image else
+        f"install {' '.join(missing)} into the Python the tasks run with",
+    )
+
+
 class Task:
-    """What submitit pickles: sets the distributed env, then calls the user's function."""
+    """What submitit pickles: sets the distributed env, then calls the user's function.
+
+    `fn.needs` (optional): the packages `fn` imports from the task's Python, checked first.
+    """
 
     def __init__(self, fn: Callable[[], Any], launcher: str, tasks_per_node: int, interface: str | None):
         self.fn = fn
@@ -94,6 +114,7 @@ class Task:
         folder.path.mkdir(parents=True, exist_ok=True)
         info = TaskInfo(rank=rank, node_rank=node_rank, local_rank=local_rank, node=node, address=address, attempt=k)
         try:
+            check_image(tuple(getattr(self.fn, "needs", ())))
             if rank == 0:
                 port = addresses.free_port(address)
                 folder.write_rendezvous(address, port, node, env.job_id)
@@ -142,4 +163,4 @@ class CheckpointableTask(Task):
         return submitit.helpers.DelayedSubmission(self)
 
 
-__all__ = ["ATTEMPT_TAG", "CheckpointableTask", "Task", "TaskInfo", "TaskOutput", "attempt", "task_env"]
+__all__ = ["ATTEMPT_TAG", "CheckpointableTask", "Task", "TaskInfo", "TaskOutput", "attempt", "check_image", "task_env"]

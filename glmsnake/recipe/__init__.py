@@ -1,5 +1,5 @@
 """Config -> slime's command: argument groups as typed models (args.py), then the driver (command.py)."""
 
-from glmsnake.recipe.command import GROUP_ORDER, Driver, driver, groups, render_text, sglang_args
+from glmsnake.recipe.command import GROUP_ORDER, Driver, driver, driver_factory, groups, render_text, sglang_args
 
-__all__ = ["GROUP_ORDER", "Driver", "driver", "groups", "render_text", "sglang_args"]
+__all__ = ["GROUP_ORDER", "Driver", "driver", "driver_factory", "groups", "render_text", "sglang_args"]

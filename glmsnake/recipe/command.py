@@ -6,10 +6,11 @@ like `scripts/run-glm4.7-355B-A32B.sh`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from glmsnake.launch.driver import HEAD_ADDRESS, Driver, at_head
 from glmsnake.recipe.args import SglangArgs
 
 if TYPE_CHECKING:
@@ -97,15 +98,6 @@ def groups(wf: "Workflow", run_name: str) -> dict[str, list[str]]:
     }
 
 
-@dataclass(frozen=True)
-class Driver:
-    """What `ray job submit` runs on the head node."""
-
-    argv: list[str]
-    cwd: str
-    env: dict[str, str]
-
-
 def placement_args(run: "Run") -> list[str]:
     """train.py's own arguments before the groups: where the actors go."""
     alloc = run.train.allocation
@@ -120,6 +112,12 @@ def driver(wf: "Workflow", run_name: str, head_address: str, interface: str | No
     for args in groups(wf, run_name).values():
         argv += args
     return Driver(argv=argv, cwd=run.train.slime_dir, env=runtime_env(run, head_address, interface))
+
+
+def driver_factory(wf: "Workflow", run_name: str, interface: str | None = None) -> functools.partial[Driver]:
+    """`driver` as run_ray_job's driver_factory: rendered now, from the config, as plain data (it
+    crosses into the tasks, i.e. the container); the head fills in its address."""
+    return functools.partial(at_head, driver(wf, run_name, HEAD_ADDRESS, interface))
 
 
 def runtime_env(run: "Run", head_address: str, interface: str | None = None) -> dict[str, str]:

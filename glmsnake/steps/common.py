@@ -19,7 +19,8 @@ def cluster(wf: Workflow) -> Cluster:
                             network_interface=s.network_interface),
         # base_dir is mounted too: every task reads and writes there.
         container=ContainerSettings(runtime=c.runtime, image=c.image,
-                                    mounts=tuple(dict.fromkeys([*c.mounts, str(wf.base)]))),
+                                    mounts=tuple(dict.fromkeys([*c.mounts, str(wf.base)])),
+                                    task_runtime=str(wf.paths.task_runtime)),
     )
 
 

@@ -139,7 +139,7 @@ def _run_driver(wf: Workflow, run: str, settings_path: Path) -> tuple[dict[str, 
         if r.train.backend == "local":
             factory = functools.partial(process.driver_command, str(settings_path))
         else:
-            factory = functools.partial(recipe.driver, wf, run, interface=wf.user.slurm.network_interface)
+            factory = recipe.driver_factory(wf, run, interface=wf.user.slurm.network_interface)
         name = f"train_{run}"
         spec = JobSpec(name=name, allocation=allocation(r.train.allocation), log_dir=wf.paths.job_logs(name))
         # Checkpointable: Slurm's USR2 before the time limit, or a preemption, requeues the job

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 
-from glmsnake.recipe import Driver
+from glmsnake.launch.driver import Driver
 from glmsnake import REPO_ROOT
 
 PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")

@@ -26,6 +26,15 @@ def task_env() -> dict[str, str]:
     return task.task_env()
 
 
+def task_env_and_python() -> dict[str, str]:
+    """task_env, and which Python and glmsnake the task ran (container tests pickle it by value:
+    inside the emulated image, this repository is hidden)."""
+    import glmsnake
+
+    return {**task.task_env(), "executable": sys.executable, "glmsnake": glmsnake.__file__,
+            "image": os.environ.get("GLMSNAKE_CONTAINER_IMAGE", "")}
+
+
 def fail_on_rank_1() -> int:
     if os.environ["RANK"] == "1":
         raise ValueError("deliberate failure")

@@ -3,24 +3,30 @@
 The test nodes have neither pyxis (a SPANK plugin) nor Apptainer, so test-only shims in
 container_shims/ stand in at the seam, the PATH the batch script sees: each records its
 call, refuses what the real tool would refuse here (an unknown option, a missing mount
-source), and runs the task on the node. Allocation, ranks and results stay real; what is
-proven is the contract: the image and mounts reach srun / `apptainer exec` on every node.
+source), and runs the task on the node inside an emulated image (tests/container_image.py:
+the image's python3, the host venv and this repository hidden). Allocation, ranks and
+results stay real; what is proven is the contract (the image and mounts reach srun /
+`apptainer exec` on every node) and that the task runs from what glmsnake ships.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 from pathlib import Path
 
+import cloudpickle
 import pytest
 
 from glmsnake.launch import Cluster, ContainerSettings, JobRecord, JobSpec, SlurmSettings, TaskFailed, run_job
+from tests.cluster import helpers
 from tests.cluster.helpers import CONVERT_ALLOCATION, task_env
+from tests.container_image import IMAGE
 
 pytestmark = pytest.mark.slurm
 SHIMS = Path(__file__).resolve().parent / "container_shims"
-IMAGE = "registry.example/slime:v1"
 
 
 def _base(tmp_path: Path) -> Path:
@@ -52,8 +58,19 @@ def _run_in_container(tmp_path: Path, monkeypatch, runtime: str):
     data = tmp_path / "data"
     data.mkdir()
     cluster = _cluster(tmp_path, runtime, (str(data),))
-    rec = _run(cluster, tmp_path, runtime)
+    cloudpickle.register_pickle_by_value(helpers)  # the repository is hidden in the image
+    try:
+        rec = run_job(cluster, JobSpec(runtime, CONVERT_ALLOCATION, tmp_path / "logs", tasks_per_node=2),
+                      helpers.task_env_and_python)
+    finally:
+        cloudpickle.unregister_pickle_by_value(helpers)
     assert [int(e["RANK"]) for e in rec.results] == [0, 1, 2, 3] and len(rec.nodes) == 2
+    # Every task ran the image's python3 and glmsnake from the shipped runtime, not this checkout.
+    image_dir = dict(e.split("=", 1) for e in os.environ["GLMSNAKE_TEST_IMAGES"].split(","))[IMAGE]
+    runtime_dir = next((tmp_path / "logs" / "submitit" / "task-runtime").iterdir())
+    for e in rec.results:
+        assert e["executable"].startswith(image_dir) and e["image"] == IMAGE, e
+        assert e["glmsnake"] == str(runtime_dir / "glmsnake" / "__init__.py"), e
     calls = [line for line in shim_log.read_text().splitlines() if f" {SHIM_COMMAND[runtime]} " in line]
     return _base(tmp_path), rec, data, calls
 
@@ -61,14 +78,14 @@ def _run_in_container(tmp_path: Path, monkeypatch, runtime: str):
 SHIM_COMMAND = {"pyxis": "srun", "apptainer": "apptainer"}
 
 
-def test_pyxis_image_and_mounts_reach_srun(slurm_cluster, tmp_path, monkeypatch):
+def test_pyxis_image_and_mounts_reach_srun(slurm_cluster, container_images, tmp_path, monkeypatch):
     base, _rec, data, calls = _run_in_container(tmp_path, monkeypatch, "pyxis")
     assert len(calls) == 1, calls  # the batch script's one srun launches all 4 tasks
     want = f"--container-image={IMAGE} --container-mount-home --container-mounts={data},{base}"
     assert want in calls[0], calls[0]
 
 
-def test_pyxis_refusal_reaches_the_user(slurm_cluster, tmp_path, monkeypatch):
+def test_pyxis_refusal_reaches_the_user(slurm_cluster, container_images, tmp_path, monkeypatch):
     _shim(tmp_path, monkeypatch, "pyxis")
     cluster = _cluster(tmp_path, "pyxis", (str(tmp_path / "missing"),))
     with pytest.raises(TaskFailed) as e:
@@ -76,12 +93,14 @@ def test_pyxis_refusal_reaches_the_user(slurm_cluster, tmp_path, monkeypatch):
     assert f"mount source {tmp_path / 'missing'} does not exist" in str(e.value)
 
 
-def test_apptainer_wraps_every_task(slurm_cluster, tmp_path, monkeypatch):
+def test_apptainer_wraps_every_task(slurm_cluster, container_images, tmp_path, monkeypatch):
     base, rec, data, calls = _run_in_container(tmp_path, monkeypatch, "apptainer")
     assert len(calls) == 4, calls  # one per task, on the task's own node
     assert sorted({c.split()[0] for c in calls}) == sorted(rec.nodes)
     for c in calls:
-        assert re.search(rf"apptainer exec --nv --bind {data},{base} {re.escape(IMAGE)} python3 -u -m submitit", c), c
+        assert re.search(rf"apptainer exec --nv --bind {data},{base} {re.escape(IMAGE)} python3 -u "
+                         rf"\S+/task-runtime/\w+/glmsnake/launch/container_boot.py --image {re.escape(IMAGE)} "
+                         rf"-u -m submitit", c), c
 
 
 def test_network_interface_gives_the_task_addresses(slurm_cluster, tmp_path):
@@ -99,3 +118,76 @@ def test_missing_network_interface_is_named_with_the_node(slurm_cluster, tmp_pat
     msg = str(e.value)
     assert re.search(r"network interface 'nosuch0' has no IPv4 address on node\d", msg), msg[:3000]
     assert "set `slurm.network_interface` to an interface every node has" in msg
+
+
+def test_slime_torch_dist_conversion_runs_in_apptainer_on_2_nodes(slurm_cluster, container_images, tiny_hf, tmp_path,
+                                                                  monkeypatch):
+    """The conversion step with slime's converter in the image: one torchrun per node (2 x 2 ranks), each
+    inside `apptainer exec` of the emulated image, started from the task runtime under base_dir."""
+    from glmsnake import resolve
+    from glmsnake.errors import GlmsnakeError
+    from glmsnake.steps import convert as convert_steps
+    from tests.test_torch_dist import STAND_IN
+
+    shim_log = _shim(tmp_path, monkeypatch, "apptainer")
+    slime = tmp_path / "slime"
+    (slime / "tools").mkdir(parents=True)
+    (slime / "tools" / "convert_hf_to_torch_dist.py").write_text(STAND_IN.replace(
+        "import json, os, sys", "import json, os, sys\nrecord_python = sys.executable"
+    ).replace('"cwd": os.getcwd(),', '"cwd": os.getcwd(), "python": record_python,'))
+    records = tmp_path / "records"
+    records.mkdir()
+    monkeypatch.setenv("GLMSNAKE_STANDIN_DIR", str(records))
+    wf = resolve.load({"base_dir": str(tmp_path / "base"), "launcher": "slurm", "slurm": {"partition": "debug"},
+                       "overrides": {"container": {"runtime": "apptainer", "image": IMAGE, "mounts": [str(tmp_path)]},
+                                     "convert": {"torch_dist": {"backend": "slime", "writers_per_node": 2,
+                                                                "allocation": {"nodes": 2, "cpus_per_task": 1}}},
+                                     "train": {"slime_dir": str(slime), "megatron_dir": "/root/Megatron-LM"}}})
+    shutil.copytree(tiny_hf, wf.paths.hf_dir)
+    with pytest.raises(GlmsnakeError, match="latest_checkpointed_iteration.txt"):  # the stand-in converts nothing
+        convert_steps.convert_torch_dist(wf, wf.paths.torch_dist_dir / "glmsnake.done.json")
+    got = [json.loads(p.read_text()) for p in sorted(records.glob("rank*.json"))]
+    assert sorted(int(r["env"]["RANK"]) for r in got) == [0, 1, 2, 3]
+    assert sorted(r["env"]["GROUP_RANK"] for r in got) == ["0", "0", "1", "1"]  # torchrun's node rank
+    image_dir = dict(e.split("=", 1) for e in os.environ["GLMSNAKE_TEST_IMAGES"].split(","))[IMAGE]
+    assert all(r["python"].startswith(image_dir) and r["cwd"] == str(slime) for r in got), got
+    calls = [c for c in shim_log.read_text().splitlines() if " apptainer " in c]
+    assert len(calls) == 2 and all(str(wf.paths.task_runtime) in c for c in calls), calls  # one task per node
+    assert sorted(c.split()[0] for c in calls) == ["node1", "node2"]
+
+
+def test_the_oldest_supported_ray_runs_the_launcher(slurm_cluster, container_images, tmp_path, monkeypatch):
+    """A Ray job in an image with the oldest Ray the launcher supports (slime's ROCm images pin it): the
+    head comes up with the launcher's flags, its GCS client polls the nodes, the driver runs through the
+    Jobs SDK; that Ray has no token authentication, and the log says so.
+
+    One node: a Ray this old ignores `--temp-dir` on worker nodes (they use the head's folder name),
+    which on a real cluster is another host's /tmp but here is the same host, where two raylets in one
+    folder collide. The worker's join is the same `ray start` with `--address`."""
+    import functools
+
+    from conftest import skip_or_fail
+    from glmsnake.launch import Allocation, run_ray_job
+    from glmsnake.launch.driver import HEAD_ADDRESS, Driver, at_head
+    from glmsnake.launch.ray_version import OLDEST
+    from tests.container_image import IMAGE_OLDEST_RAY
+
+    if IMAGE_OLDEST_RAY not in container_images["GLMSNAKE_TEST_IMAGES"]:
+        skip_or_fail(f"no wheel of Ray {OLDEST} in .ci/cache (bash .ci/setup downloads it)")
+    _shim(tmp_path, monkeypatch, "pyxis")
+    _base(tmp_path).mkdir()
+    cluster = Cluster(launcher="slurm", slurm=SlurmSettings(partition="debug"),
+                      container=ContainerSettings(runtime="pyxis", image=IMAGE_OLDEST_RAY, mounts=(str(_base(tmp_path)),)))
+    probe = ("import json, ray; ray.init(address='auto'); "
+             "print('PROBE', json.dumps([ray.__version__, len([n for n in ray.nodes() if n['Alive']])]))")
+    template = Driver(argv=["python3", "-c", probe], cwd=str(tmp_path),
+                      env={"no_proxy": f"localhost,127.0.0.1,{HEAD_ADDRESS}"})
+    log = tmp_path / "driver.log"
+    job = JobSpec("oldest_ray", Allocation(nodes=1, gpus_per_node=8, cpus_per_task=1, time_min=20), tmp_path / "logs")
+    r = run_ray_job(cluster, job, functools.partial(at_head, template), log, object_store_mb=128)
+    text = log.read_text()
+    assert r.exit_code == 0, text[-3000:]
+    assert f'PROBE ["{OLDEST}", 1]' in text and r.gpus == 8, text[-3000:]
+    errs = sorted((tmp_path / "logs" / "submitit").glob("*/*_log.err"))
+    assert len(errs) == 1 and f"{IMAGE_OLDEST_RAY} has Ray {OLDEST}, which has no token authentication" in \
+        errs[0].read_text()

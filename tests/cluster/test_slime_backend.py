@@ -3,13 +3,15 @@
 The 64xH100 preset's recipe (8 nodes x 8 GPUs, its argument groups) goes through the real
 launcher (`run_ray_job`: submitit -> Ray across 8 Slurm nodes -> Jobs SDK) to
 tests/cluster/slime_stub/train.py copied into a temporary slime_dir. Only the allocation's
-CPUs are lowered to what the test nodes have, and the container (pyxis) is left out.
+CPUs are lowered to what the test nodes have. The preset's container (pyxis) is the test
+stand-in (container_shims/pyxis): every task runs inside an emulated image that has Ray but
+neither glmsnake nor submitit, from the task runtime the launcher ships.
 """
 
 from __future__ import annotations
 
-import functools
 import json
+import os
 import re
 import shlex
 import shutil
@@ -19,9 +21,11 @@ import pytest
 
 from glmsnake import config, recipe, resolve, retention
 from glmsnake.launch import Allocation, Cluster, ContainerSettings, JobSpec, SlurmSettings, run_ray_job
+from tests.container_image import IMAGE
 
 pytestmark = pytest.mark.slurm
 STUB = Path(__file__).resolve().parent / "slime_stub" / "train.py"
+PYXIS = Path(__file__).resolve().parent / "container_shims" / "pyxis"
 
 
 def _wf(tmp_path: Path, **run_overrides) -> config.Workflow:
@@ -38,20 +42,24 @@ def _wf(tmp_path: Path, **run_overrides) -> config.Workflow:
         run[k] = {**run.get(k, {}), **v}
     return resolve.load({"base_dir": str(tmp_path / "base"), "launcher": "slurm", "preset": "glm4.7-355b-64xh100",
                          "slurm": {"partition": "debug"}, "runs": {"default": run},
-                         "overrides": {"container": {"runtime": "none"}}})  # no pyxis on the test nodes
+                         "overrides": {"container": {"runtime": "pyxis", "image": IMAGE}}})
 
 
 def _launch(wf: config.Workflow, allocation: config.Allocation, name: str, log_dir: Path) -> tuple[Cluster, JobSpec]:
-    """What the train step gives the launcher for this workflow: Slurm's debug partition, no container."""
+    """What the train step gives the launcher for this workflow: Slurm's debug partition, the image
+    through pyxis with base_dir mounted, the task runtime under base_dir."""
     a = Allocation(nodes=allocation.nodes, gpus_per_node=allocation.gpus_per_node,
                    cpus_per_task=allocation.cpus_per_task, mem_gb=allocation.mem_gb, time_min=allocation.time_min,
                    exclusive=allocation.exclusive)
     cluster = Cluster(launcher="slurm", slurm=SlurmSettings(partition="debug"),
-                      container=ContainerSettings(runtime="none", mounts=(str(wf.base),)))
+                      container=ContainerSettings(runtime="pyxis", image=IMAGE, mounts=(str(wf.base),),
+                                                  task_runtime=str(wf.paths.task_runtime)))
     return cluster, JobSpec(name, a, log_dir)
 
 
-def test_slime_driver_contract_on_8_nodes(slurm_cluster, tmp_path, monkeypatch):
+def test_slime_driver_contract_on_8_nodes(slurm_cluster, container_images, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", f"{PYXIS}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("GLMSNAKE_SHIM_LOG", str(tmp_path / "shim.log"))
     # A proxy in the submitting environment must not reach the driver.
     for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         monkeypatch.setenv(k, "http://127.0.0.1:9")
@@ -59,7 +67,7 @@ def test_slime_driver_contract_on_8_nodes(slurm_cluster, tmp_path, monkeypatch):
     run = wf.runs["default"]
     assert run.train.backend == "slime" and run.train.allocation.nodes == 8 and run.train.allocation.gpus_per_node == 8
     log = tmp_path / "train.log"
-    factory = functools.partial(recipe.driver, wf, "default", interface="lo")
+    factory = recipe.driver_factory(wf, "default", interface="lo")
     paths = wf.paths.run("default")
     # Checkpoint retention as the train step runs it around the job, from glmsnake's side: slime is unmodified.
     with retention.Pruner(paths.checkpoints, retention.Policy(last=2), paths.pruned, paths.disk_warning, 0.05):
@@ -113,3 +121,8 @@ def test_slime_driver_contract_on_8_nodes(slurm_cluster, tmp_path, monkeypatch):
     assert [json.loads(line)["iteration"] for line in paths.pruned.read_text().splitlines()] == [1]
     assert (ck / "latest_checkpointed_iteration.txt").read_text() == "5"
     assert rec["start_rollout_id"] == 0
+    # In the image: the driver ran its python3, and the batch script's one srun went through pyxis.
+    image_dir = dict(e.split("=", 1) for e in container_images["GLMSNAKE_TEST_IMAGES"].split(","))[IMAGE]
+    assert rec["python"].startswith(image_dir), rec["python"]
+    calls = [c for c in (tmp_path / "shim.log").read_text().splitlines() if " srun " in c]
+    assert len(calls) == 1 and f"--container-image={IMAGE}" in calls[0] and "container_boot.py" in calls[0], calls

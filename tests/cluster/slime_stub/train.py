@@ -26,7 +26,7 @@ def flag(argv, name, default=None):
 
 def main() -> int:
     argv = sys.argv[1:]
-    record = {"argv0": sys.argv[0], "argv": argv, "cwd": os.getcwd(), "pid": os.getpid(),
+    record = {"argv0": sys.argv[0], "argv": argv, "cwd": os.getcwd(), "pid": os.getpid(), "python": sys.executable,
               "env": {k: os.environ.get(k) for k in ENV_KEYS}}
     import ray
 
