@@ -93,6 +93,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return show_status(_workflow(args), args.run)
 
 
+def cmd_preflight(args: argparse.Namespace) -> int:
+    from glmsnake.check_cluster import check_cluster
+
+    return check_cluster(_workflow(args), args.run, args.nodes)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glmsnake", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -130,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("target", nargs="?", help="weights, torch_dist, fp8, train or export (default: all)")
     v.set_defaults(func=cmd_verify)
 
+    pf = with_config(sub.add_parser("preflight", help="check a fresh allocation's nodes (GPUs, versions, storage)"))
+    pf.add_argument("--run", help="whose training allocation to check (default: the first run)")
+    pf.add_argument("--nodes", type=int, help="check this many nodes instead of the allocation's")
+    pf.set_defaults(func=cmd_preflight)
     sc = sub.add_parser("schema", help="print the JSON schema of config/config.yaml")
     sc.set_defaults(func=cmd_schema)
 

@@ -200,6 +200,11 @@ class Slurm(Strict):
     network_interface: str | None = Field(
         None, description="interface whose address Ray, gloo and NCCL use (e.g. ib0); None: the node's address from Slurm"
     )
+    exclude: list[str] = Field([], description="nodes never to allocate (sbatch --exclude), e.g. known bad ones")
+    preflight: bool = Field(True, description="every node of a multi-node job checks itself before the work starts")
+    exclude_bad_nodes: bool = Field(
+        False, description="a node that fails preflight is left out and the job submitted again")
+    preflight_retries: int = Field(2, ge=0, le=10, description="at most this many resubmissions without bad nodes")
 
 
 class TrainingGroups(Strict):

@@ -46,6 +46,7 @@ def build_image(dest: Path, lacks: tuple[str, ...] = NOT_IN_IMAGE) -> Path:
                                check=True, capture_output=True, text=True).stdout.strip())
     host = host_site_packages()
     (dest / "host-site").mkdir()
+    (dest / "no-slurm").write_text("")  # bound over Slurm's commands inside (not executable)
     for entry in sorted(os.listdir(host)):
         if _excluded(host, entry, lacks):
             continue

@@ -19,6 +19,7 @@ def unpickle_and_report(blobs: dict[str, bytes], head_address: str) -> dict:
         "driver_master_addr": driver.env.get("MASTER_ADDR"),
         "driver_no_proxy": driver.env.get("no_proxy"),
         "pydantic_imported": "pydantic" in sys.modules,
+        "imported": sorted({m.split(".")[0] for m in sys.modules}),
         "glmsnake_file": glmsnake.__file__,
         "executable": sys.executable,
         "image": os.environ.get("GLMSNAKE_CONTAINER_IMAGE"),

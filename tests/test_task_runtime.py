@@ -33,6 +33,10 @@ from glmsnake.trainer import process
 import task_probe
 
 
+HOST_ONLY = {"pydantic", "pydantic_core", "yaml", "snakemake", "rich", "huggingface_hub", "matplotlib",
+             "jsonschema", "wandb", "tensorboard"}
+
+
 def _in_image(image: str, runtime: Path, folder: Path) -> submitit.LocalExecutor:
     """submitit's executor whose tasks start in the emulated `image` from `runtime`, as on the cluster."""
     python = f"{shlex.quote(str(ENTER))} {shlex.quote(image)} '' -- {task_runtime.boot_command(runtime, image)}"
@@ -43,8 +47,8 @@ def _in_image(image: str, runtime: Path, folder: Path) -> submitit.LocalExecutor
 
 def test_the_runtime_is_pure_python_versioned_and_written_once(tmp_path):
     rt = task_runtime.ensure(tmp_path / "rt")
-    assert sorted(p.name for p in rt.iterdir()) == [".complete", "cloudpickle", "glmsnake", "submitit",
-                                                    "typing_extensions.py"]
+    assert sorted(p.name for p in rt.iterdir()) == [".complete", "cloudpickle", "fallback", "glmsnake", "submitit"]
+    assert (rt / "fallback" / "typing_extensions.py").is_file()  # last on sys.path: the image's own wins
     assert (rt / task_runtime.BOOT).is_file() and (rt / "glmsnake" / "launch" / "_ray_site").is_dir()
     assert not [p for p in rt.rglob("*") if p.suffix in (".so", ".pyc") or p.name == "__pycache__"]
     stamp = (rt / ".complete").stat().st_mtime_ns
@@ -99,6 +103,8 @@ def test_tasks_as_the_steps_build_them_run_in_the_image(container_images, tiny_h
     assert out["loaded"] == {"ray_task": "RayTaskFn", "local_trainer_driver": "RayTaskFn", "writer": "WriterTask",
                              "slime_converter": "SlimeConverter", "slime_exporter": "SlimeExporter"}
     assert out["pydantic_imported"] is False
+    # Nothing that only our venv has: configuration, workflow and console packages stay on the host.
+    assert not set(out["imported"]) & HOST_ONLY, sorted(set(out["imported"]) & HOST_ONLY)
     assert out["glmsnake_file"] == str(rt / "glmsnake" / "__init__.py")
     assert out["executable"].startswith(container_images["GLMSNAKE_TEST_IMAGES"].split(",")[0].split("=", 1)[1])
     assert out["image"] == IMAGE
@@ -114,3 +120,38 @@ def test_an_image_without_ray_is_named_before_anything_starts(container_images, 
     assert f"{IMAGE_WITHOUT_RAY} (python3 {sys.version.split()[0]}) has no ray; this task needs it" in str(e.value)
     assert "use an image that has it" in str(e.value)
     assert not list((tmp_path / "sub").glob("ray*"))  # no Ray was started
+
+
+def test_a_damaged_runtime_is_written_again_and_a_racing_one_reused(tmp_path):
+    """A scratch purge took a file: the next submission writes the runtime again (the damaged folder
+    is set aside, never deleted under running jobs); no temporary folder is left."""
+    rt = task_runtime.ensure(tmp_path / "rt")
+    (rt / "submitit" / "__init__.py").unlink()
+    again = task_runtime.ensure(tmp_path / "rt")
+    assert again == rt and (rt / "submitit" / "__init__.py").is_file()
+    hidden = sorted(p.name for p in (tmp_path / "rt").iterdir() if p.name.startswith("."))
+    assert len(hidden) == 1 and ".damaged." in hidden[0]  # the damaged copy, aside
+
+
+def test_a_folder_outside_the_containers_mounts_is_refused(tmp_path):
+    from glmsnake.errors import GlmsnakeError
+    from glmsnake.launch.executors import require_mounted
+    from glmsnake.launch.spec import ContainerSettings
+
+    c = ContainerSettings(runtime="apptainer", image=IMAGE, mounts=(str(tmp_path / "base"), "/data:/mnt/data"))
+    require_mounted(c, tmp_path / "base" / "logs" / "submitit", "the job folder")  # under a mount: fine
+    for path in (tmp_path / "elsewhere", Path("/data/x")):  # not mounted; mounted at another place
+        with pytest.raises(GlmsnakeError, match=r"(?s)is not inside the container .*fix: keep it under base_dir"):
+            require_mounted(c, path, "the job folder")
+    require_mounted(ContainerSettings(runtime="pyxis", image=IMAGE), Path.home() / "x", "the job folder")  # $HOME
+
+
+def test_ray_versions_the_launcher_accepts():
+    from glmsnake.errors import GlmsnakeError
+    from glmsnake.launch.ray_version import OLDEST, parse, token_auth_available
+
+    assert parse("2.52.0rc1") == (2, 52, 0) and parse("2.47.0rc2") < parse(OLDEST) and parse("3") == (3, 0, 0)
+    assert token_auth_available("2.60.0") and token_auth_available("2.52.0")
+    assert not token_auth_available("2.51.2") and not token_auth_available(OLDEST)
+    with pytest.raises(GlmsnakeError, match=f"has Ray 2.46.0; glmsnake's launcher needs Ray {OLDEST} or newer"):
+        token_auth_available("2.46.0")

@@ -17,6 +17,7 @@ import socket
 import struct
 import subprocess
 
+from glmsnake import knobs
 from glmsnake.errors import GlmsnakeError
 from glmsnake.launch import slurm
 
@@ -49,12 +50,23 @@ def interface_address(interface: str) -> str:
 
 
 def slurm_node_address(node: str) -> str:
-    """The address Slurm records for a node (NodeAddr), resolved to an IP."""
+    """The address Slurm records for a node (NodeAddr), resolved to an IP.
+
+    The batch script asks Slurm once for every node of the job (`GLMSNAKE_NODE_ADDRS`, see
+    executors.NODE_ADDRS_SETUP): a task in a container has no scontrol, and 64 tasks asking
+    slurmctld at once is load it does not need. Outside a job, Slurm is asked.
+    """
+    known = dict(kv.split("=", 1) for kv in knobs.NODE_ADDRS.raw().split(",") if "=" in kv)
+    if node in known:
+        return _as_ip(known[node])
     try:
         fields = slurm.node_record(node)
     except (subprocess.SubprocessError, OSError) as e:
         raise GlmsnakeError(f"cannot ask Slurm for node {node!r}'s address: {e}") from None
-    addr = fields.get("NodeAddr") or fields.get("NodeHostName") or node
+    return _as_ip(fields.get("NodeAddr") or fields.get("NodeHostName") or node)
+
+
+def _as_ip(addr: str) -> str:
     try:
         ipaddress.ip_address(addr)
         return addr

@@ -15,20 +15,23 @@ MIN_PYTHON = (3, 10)
 
 def main(argv):
     image = "the container image"
-    if argv[:1] == ["--image"]:
+    if argv[:1] == ["--image"] and len(argv) > 1:
         image, argv = argv[1], argv[2:]
     os.environ["GLMSNAKE_CONTAINER_IMAGE"] = image
     here = os.path.dirname(os.path.abspath(__file__))
     runtime = os.path.dirname(os.path.dirname(here))
-    # Run as a script, its own folder came first on sys.path: only the runtime's root belongs there.
-    sys.path[:] = [runtime] + [p for p in sys.path if os.path.abspath(p or ".") != here]
+    # Run as a script, its own folder came first on sys.path: the runtime's root goes there, and its
+    # fallback folder (typing_extensions) last, so that the image's own copy wins where it has one.
+    sys.path[:] = ([runtime] + [p for p in sys.path if os.path.abspath(p or ".") != here]
+                   + [os.path.join(runtime, "fallback")])
     if sys.version_info[:2] < MIN_PYTHON:
         sys.stderr.write(
             "glmsnake: error: %s runs Python %d.%d (%s); glmsnake's tasks need Python %d.%d or newer\n"
             "  fix: use an image with a newer python3, e.g. slime's own image\n"
             % (image, sys.version_info[0], sys.version_info[1], sys.executable, MIN_PYTHON[0], MIN_PYTHON[1]))
         return 2
-    argv = [a for a in argv if a != "-u"]  # python's own flag, already applied to this process
+    while argv[:1] == ["-u"]:  # python's own flag (submitit passes it), already applied to this process
+        argv = argv[1:]
     if len(argv) < 2 or argv[0] != "-m":
         sys.stderr.write("glmsnake: error: container_boot.py expects `-m MODULE ARGS...`, got %r\n" % (argv,))
         return 2

@@ -21,14 +21,21 @@ from typing import Any, Callable
 import submitit
 from submitit.core import utils as submitit_utils
 
+from glmsnake import knobs
 from glmsnake.errors import GlmsnakeError
 from glmsnake.launch import slurm, task_runtime
+from glmsnake.launch.preflight import PreflightSpec
 from glmsnake.launch.slurm import SlurmRejected
 from glmsnake.launch.spec import Allocation, Cluster, ContainerSettings, JobSpec
 from glmsnake.launch.task import CheckpointableTask, Task
 
 # Kept in the environment sbatch sees: where the cluster's slurm.conf is (sbatch/srun/scontrol need it).
 KEEP_ENV = ("SLURM_CONF",)
+# In the batch script (on the host, outside any container): every node's address, asked once.
+NODE_ADDRS_SETUP = (
+    f'export {knobs.NODE_ADDRS.name}="$(scontrol show node -o "$SLURM_JOB_NODELIST" 2>/dev/null'
+    r" | sed -n 's/^NodeName=\([^ ]*\) .* NodeAddr=\([^ ]*\) .*/\1=\2/p' | paste -sd, -)" + '"'
+)
 
 
 def container_python(container: ContainerSettings, runtime: Path | None = None) -> tuple[str | None, list[str]]:
@@ -48,6 +55,21 @@ def container_python(container: ContainerSettings, runtime: Path | None = None) 
         return boot, args
     bind = f"--bind {shlex.quote(','.join(mounts))} " if mounts else ""
     return f"apptainer exec --nv {bind}{shlex.quote(container.image)} {boot}", []
+
+
+def require_mounted(container: ContainerSettings, path: Path, what: str) -> None:
+    """`path` must be seen at the same place inside the container: under a mount (SRC, or SRC:SRC),
+    or under $HOME for pyxis (--container-mount-home). Otherwise the task cannot start there."""
+    path = Path(path).absolute()
+    roots = [Path(m.split(":")[0]) for m in container.mounts
+             if len(m.split(":")) == 1 or m.split(":")[1] == m.split(":")[0]]
+    if container.runtime == "pyxis":
+        roots.append(Path.home())
+    if not any(path == r or r in path.parents for r in roots):
+        raise GlmsnakeError(
+            f"{what} {path} is not inside the container (its mounts: {', '.join(container.mounts) or 'none'})",
+            "keep it under base_dir (the steps mount base_dir), or add its folder to `container.mounts`",
+        )
 
 
 def signal_delay_s(allocation: Allocation) -> int:
@@ -74,7 +96,10 @@ def make_executor(cluster: Cluster, job: JobSpec, folder: Path, max_requeues: in
     runtime = None
     if cluster.container.runtime != "none":
         shared = folder.parent if "%j" in folder.name else folder  # submitit's folder: on shared storage
-        runtime = task_runtime.ensure(Path(cluster.container.task_runtime or shared / "task-runtime"))
+        root = Path(cluster.container.task_runtime or shared / "task-runtime")
+        for what, path in (("the job folder", shared), ("the task runtime", root)):
+            require_mounted(cluster.container, path, what)
+        runtime = task_runtime.ensure(root)
     python, srun_args = container_python(cluster.container, runtime)
     ex = submitit.SlurmExecutor(folder=folder, python=python, max_num_timeout=max_requeues)
     s = cluster.slurm
@@ -95,10 +120,12 @@ def make_executor(cluster: Cluster, job: JobSpec, folder: Path, max_requeues: in
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(s, key):
             params[key] = getattr(s, key)
+    if s.exclude:
+        params["exclude"] = ",".join(s.exclude)
     if srun_args:
         params["srun_args"] = srun_args
     # Tasks get no hand-set MASTER_ADDR / NODE_RANK: they learn them from the allocation.
-    params["setup"] = ["unset MASTER_ADDR MASTER_PORT NODE_RANK RANK WORLD_SIZE LOCAL_RANK"]
+    params["setup"] = ["unset MASTER_ADDR MASTER_PORT NODE_RANK RANK WORLD_SIZE LOCAL_RANK", NODE_ADDRS_SETUP]
     ex.update_parameters(**params)
     return ex
 
@@ -153,8 +180,13 @@ def submit_tasks(cluster: Cluster, job: JobSpec, fn: Callable[[], Any], *, max_r
     checkpointable = max_requeues > 0 and cluster.launcher == "slurm"
     ex = make_executor(cluster, job, folder, max_requeues if checkpointable else 0)
     cls = CheckpointableTask if checkpointable else Task
-    task = cls(fn, cluster.launcher, job.tasks_per_node, cluster.slurm.network_interface)
+    check = None
+    if cluster.launcher == "slurm" and cluster.slurm.preflight:
+        check = PreflightSpec(gpus_per_node=job.allocation.gpus_per_node, nodes=job.allocation.nodes,
+                              room_bytes=job.room_bytes)
+    task = cls(fn, cluster.launcher, job.tasks_per_node, cluster.slurm.network_interface, check)
     return submit(ex, task)
 
 
-__all__ = ["container_python", "make_executor", "preflight", "signal_delay_s", "submit", "submit_tasks"]
+__all__ = ["container_python", "make_executor", "preflight", "require_mounted", "signal_delay_s", "submit",
+           "submit_tasks"]

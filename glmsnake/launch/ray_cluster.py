@@ -28,6 +28,7 @@ from glmsnake.launch.ray_head import run_head, stop_for_requeue
 from glmsnake.launch.ray_processes import RayNodeLost, RayStartFailed
 from glmsnake.launch.ray_spec import RaySpec
 from glmsnake.launch.ray_temp import sweep_stale_temp_dirs, temp_dir
+from glmsnake.launch.ray_version import token_auth_available
 from glmsnake.launch.ray_worker import run_worker
 from glmsnake.launch.run import run_job
 from glmsnake.launch.spec import Cluster, JobSpec
@@ -49,6 +50,8 @@ class JobResult:
     ray_nodes: list[dict[str, Any]] = field(default_factory=list)
     cpu: dict[str, dict[str, float]] = field(default_factory=dict)  # Slurm node -> CPU s by Ray process kind
     attempts: int = 1  # 1 + how often Slurm requeued the job (it resumed each time)
+    preflight: dict[str, Any] = field(default_factory=dict)  # the allocation's preflight verdict
+    excluded: list[str] = field(default_factory=list)  # nodes preflight left out (then resubmitted)
 
 
 # --------------------------------------------------------------------------- in every task
@@ -62,6 +65,7 @@ def ray_task(spec: RaySpec) -> dict[str, Any]:
     folder = JobFolder(os.environ[knobs.JOB_DIR.name])
     job_id = knobs.JOB_ID.raw() or "0"
     bypass_proxies(address)
+    token_auth_available()  # every rank: a Ray older than the launcher supports is refused by name
     # Slurm cancels with SIGTERM (submitit would ignore it): it becomes teardown.
     with signals.raise_once():
         with contextlib.suppress(Exception):  # housekeeping: never a reason to fail the job
@@ -151,6 +155,8 @@ def run_ray_job(
         ray_nodes=head.get("ray_nodes", []),
         cpu={r.get("node", f"rank{i}"): r.get("cpu", {}) for i, r in enumerate(rec.results)},
         attempts=rec.attempts,
+        preflight=rec.preflight,
+        excluded=rec.excluded,
     )
 
 

@@ -2,7 +2,7 @@
 
 Teardown must stop exactly what this node started, nothing else, and all of it: `ray start`
 runs in a session of its own, and what Ray moves to other sessions (workers, the driver and
-its watchdog) is found by the node's mark (`knobs.RAY_JOB=<job>n<rank>`) in its environment,
+its watchdog) is found by the node's mark (`knobs.RAY_JOB`, see ray_temp.node_mark) in its environment,
 which survives Ray renaming its processes. Both are found by scanning /proc.
 """
 

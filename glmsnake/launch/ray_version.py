@@ -11,9 +11,10 @@ OLDEST is refused by name; OLDEST to 2.51 runs without token authentication, and
 from __future__ import annotations
 
 import importlib.metadata
-import os
+import re
 import sys
 
+from glmsnake import knobs
 from glmsnake.errors import GlmsnakeError
 
 OLDEST = "2.47.1"  # the oldest Ray the launcher is tested with (.ci/setup fetches it for the tests)
@@ -21,16 +22,16 @@ TOKEN_AUTH = "2.52.0"
 
 
 def parse(version: str) -> tuple[int, ...]:
-    """'2.52.0rc1' -> (2, 52, 0): the numeric release parts."""
+    """'2.52.0rc1' -> (2, 52, 0): the leading number of each of the first three parts."""
     out = []
     for part in version.split(".")[:3]:
-        digits = "".join(c for c in part if c.isdigit()) if part[:1].isdigit() else ""
-        out.append(int(digits) if digits else 0)
-    return tuple(out)
+        m = re.match(r"\d+", part)
+        out.append(int(m.group()) if m else 0)
+    return tuple(out + [0] * (3 - len(out)))
 
 
 def _image() -> str:
-    return os.environ.get("GLMSNAKE_CONTAINER_IMAGE") or f"this node's Python ({sys.executable})"
+    return knobs.CONTAINER_IMAGE.raw() or f"this node's Python ({sys.executable})"
 
 
 def token_auth_available(version: str | None = None) -> bool:
@@ -59,7 +60,10 @@ def auth_env(token: str, version: str | None = None) -> dict[str, str]:
 def installed() -> str:
     """The installed Ray's version, from its package metadata: importing Ray here would fix its auth
     settings (read at import) before the caller has set RAY_AUTH_MODE/RAY_AUTH_TOKEN."""
-    return importlib.metadata.version("ray")
+    try:
+        return importlib.metadata.version("ray")
+    except importlib.metadata.PackageNotFoundError:
+        raise GlmsnakeError(f"{_image()} has no ray", "use an image with Ray (slime's own images have it)") from None
 
 
 __all__ = ["OLDEST", "TOKEN_AUTH", "auth_env", "installed", "parse", "token_auth_available"]

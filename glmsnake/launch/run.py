@@ -8,17 +8,22 @@ failed task raises `TaskFailed` naming the rank and node (see `waiting`).
 
 The caller blocks until every task is done. SIGINT/SIGTERM (Snakemake's interrupt) cancel
 the job; after a failure the job is given a moment to end, then cancelled, so the allocation
-is handed back before the error is reported.
+is handed back before the error is reported. Every node checks itself first (`preflight`); a
+node that fails is named, and with `slurm.exclude_bad_nodes` the job is submitted again without it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
-from typing import Callable, TypeVar
+from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 from glmsnake import knobs
 from glmsnake.launch import signals
 from glmsnake.launch.executors import submit_tasks
+from glmsnake.launch.preflight import VERDICT
 from glmsnake.launch.spec import Cluster, JobSpec
 from glmsnake.launch.waiting import JobRecord, TaskFailed, released, wait_job
 
@@ -34,11 +39,53 @@ def run_job(
     log: Callable[[str], None] | None = None,
     max_requeues: int = 0,
 ) -> JobRecord[T]:
-    """Like `run_tasks`, returning the job id, node list and timings as well."""
+    """Like `run_tasks`, returning the job id, node list and timings as well.
+
+    A job whose preflight names bad nodes is submitted again without them when
+    `cluster.slurm.exclude_bad_nodes` is set, at most `preflight_retries` times.
+    """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    s = cluster.slurm
+    retries = s.preflight_retries if (s.exclude_bad_nodes and cluster.launcher == "slurm") else 0
+    excluded: list[str] = []
+    retried: list[dict[str, Any]] = []
+    for k in range(retries + 1):
+        attempt_cluster = dataclasses.replace(cluster, slurm=dataclasses.replace(s, exclude=(*s.exclude, *excluded)))
+        try:
+            rec = _run_once(attempt_cluster, job, fn, on_running, log, max_requeues)
+        except TaskFailed as e:
+            bad = [n for n in _preflight_verdict(job, e.job_id).get("bad_nodes", []) if n not in excluded]
+            if not bad or k == retries:
+                raise
+            excluded += bad
+            retried.append({"job_id": e.job_id, "bad_nodes": bad})
+            log(f"[glmsnake] {job.name}: preflight failed on {', '.join(bad)} (job {e.job_id}); submitting again "
+                f"without {', '.join(excluded)} (retry {k + 1} of {retries})")
+            continue
+        rec.preflight = _preflight_verdict(job, rec.job_id)
+        rec.excluded, rec.retried = excluded, retried
+        return rec
+    raise AssertionError("unreachable")
+
+
+def _preflight_verdict(job: JobSpec, job_id: str | None) -> dict[str, Any]:
+    """The preflight verdict rank 0 wrote into the job's folder ({} if none)."""
+    if not job_id:
+        return {}
+    try:
+        return json.loads((Path(job.log_dir).absolute() / "submitit" / str(job_id) / VERDICT).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _run_once(cluster: Cluster, job: JobSpec, fn: Callable[[], T],
+              on_running: Callable[[str, list[str]], None] | None, log: Callable[[str], None],
+              max_requeues: int) -> JobRecord[T]:
     submitted = submit_tasks(cluster, job, fn, max_requeues=max_requeues)
     log(f"[glmsnake] {job.name}: submitted job {submitted.job_id} ({job.allocation.nodes} node(s) x "
-        f"{job.tasks_per_node} task(s), launcher={cluster.launcher}); logs in {submitted.paths.folder}")
+        f"{job.tasks_per_node} task(s), launcher={cluster.launcher}"
+        f"{', excluding ' + ','.join(cluster.slurm.exclude) if cluster.slurm.exclude else ''}); "
+        f"logs in {submitted.paths.folder}")
     done = False
     # SIGTERM/SIGINT (Ctrl-C, Snakemake's interrupt) raise once, here: the finally cancels the job
     # and a second signal cannot cut that short.

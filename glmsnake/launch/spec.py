@@ -17,6 +17,10 @@ class SlurmSettings:
     qos: str | None = None
     constraint: str | None = None
     network_interface: str | None = None  # whose address Ray, gloo and NCCL use (e.g. ib0); None: Slurm's NodeAddr
+    exclude: tuple[str, ...] = ()  # nodes never to allocate (sbatch --exclude)
+    preflight: bool = True  # every node checks itself before the job's work starts (launch/preflight.py)
+    exclude_bad_nodes: bool = False  # a node that fails preflight is excluded and the job submitted again
+    preflight_retries: int = 2  # at most this many such resubmissions
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class JobSpec:
     allocation: Allocation
     log_dir: Path
     tasks_per_node: int = 1
+    room_bytes: int = 0  # free space the job will write under log_dir's filesystem (preflight checks it)
 
 
 __all__ = ["Allocation", "Cluster", "ContainerSettings", "JobSpec", "SlurmSettings"]

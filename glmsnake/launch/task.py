@@ -11,19 +11,24 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import re
+import shutil
 import signal
 import sys
+import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Generic, TypeVar
 
+import cloudpickle
 import submitit
 
 from glmsnake import knobs
 from glmsnake.errors import GlmsnakeError
-from glmsnake.launch import addresses
+from glmsnake.launch import addresses, preflight
 from glmsnake.launch.job_folder import JobFolder
 
 T = TypeVar("T")
@@ -71,7 +76,7 @@ def check_image(needs: tuple[str, ...]) -> None:
     missing = [m for m in needs if importlib.util.find_spec(m) is None]
     if not missing:
         return
-    image = os.environ.get("GLMSNAKE_CONTAINER_IMAGE")
+    image = knobs.CONTAINER_IMAGE.raw()
     where = f"{image} (python3 {sys.version.split()[0]})" if image else f"this node's Python ({sys.executable})"
     raise GlmsnakeError(
         f"{where} has no {', '.join(missing)}; this task needs it",
@@ -86,11 +91,26 @@ class Task:
     `fn.needs` (optional): the packages `fn` imports from the task's Python, checked first.
     """
 
-    def __init__(self, fn: Callable[[], Any], launcher: str, tasks_per_node: int, interface: str | None):
-        self.fn = fn
+    def __init__(self, fn: Callable[[], Any], launcher: str, tasks_per_node: int, interface: str | None,
+                 preflight_spec: preflight.PreflightSpec | None = None):
+        # `fn` travels as bytes, loaded only after the image has been checked for what it needs:
+        # loading it imports its module (torch, for the writer), which would fail unexplained.
+        self.needs = tuple(getattr(fn, "needs", ()))
+        self._fn_blob = cloudpickle.dumps(fn)
+        self._fn: Callable[[], Any] | None = fn
         self.launcher = launcher
         self.tasks_per_node = tasks_per_node
         self.interface = interface
+        self.preflight_spec = preflight_spec
+
+    @property
+    def fn(self) -> Callable[[], Any]:
+        if self._fn is None:
+            self._fn = cloudpickle.loads(self._fn_blob)
+        return self._fn
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fn": None}
 
     def __call__(self) -> TaskOutput[Any]:
         env = submitit.JobEnvironment()
@@ -114,7 +134,7 @@ class Task:
         folder.path.mkdir(parents=True, exist_ok=True)
         info = TaskInfo(rank=rank, node_rank=node_rank, local_rank=local_rank, node=node, address=address, attempt=k)
         try:
-            check_image(tuple(getattr(self.fn, "needs", ())))
+            check_image(self.needs)
             if rank == 0:
                 port = addresses.free_port(address)
                 folder.write_rendezvous(address, port, node, env.job_id)
@@ -135,12 +155,32 @@ class Task:
                 knobs.JOB_ID.name: str(env.job_id),
                 knobs.JOB_DIR.name: str(folder.path),
             })
+            if self.preflight_spec is not None:
+                verdict = preflight.run(self.preflight_spec, folder.path, rank, local_rank, node, env.num_nodes)
+                os.environ[knobs.NVLS_ENABLE.name] = str(verdict["nvls"])
             return TaskOutput(info=info, result=self.fn())
         except BaseException as e:  # noqa: BLE001 - re-raised with where it happened
+            # A problem the user can fix (GlmsnakeError: problem and fix) needs no traceback.
+            where = "" if isinstance(e, GlmsnakeError) else "".join(traceback.format_exception(e))
             raise RuntimeError(
-                f"rank {rank} on node {node} ({address}) failed [attempt {k}]: {type(e).__name__}: {e}\n"
-                + "".join(traceback.format_exception(e))
+                f"rank {rank} on node {node} ({address}) failed [attempt {k}]: {type(e).__name__}: {e}\n" + where
             ) from None
+
+
+def requeue_request(folder: str | os.PathLike, k: int) -> Path:
+    """The file by which attempt `k` asks the submitting side to requeue the job."""
+    return Path(folder) / f"glmsnake.requeue.{k}.json"
+
+
+def _ask_submitter_to_requeue(env: Any, countdown: int) -> None:
+    """submitit's `_requeue` where the task has no scontrol (a container): leave a request in the
+    job folder; the submitting side, which waits on the job with Slurm's tools, requeues it."""
+    path = requeue_request(env.paths.folder, attempt())
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"job_id": env.job_id, "attempt": attempt(), "at": time.time(), "countdown": countdown}))
+    os.replace(tmp, path)
+    print(f"[glmsnake] job {env.job_id}: no scontrol here; asked the submitting side to requeue it ({path.name})",
+          file=sys.stderr, flush=True)
 
 
 class CheckpointableTask(Task):
@@ -150,6 +190,14 @@ class CheckpointableTask(Task):
     same task again. Before the requeue, `fn.on_checkpoint()` (if any) runs on rank 0, e.g.
     to stop the Ray cluster cleanly while the tasks are still alive.
     """
+
+    def __call__(self) -> TaskOutput[Any]:
+        if shutil.which("scontrol") is None:
+            # In a container without Slurm's tools: the submitting side requeues (waiting.py).
+            from submitit.slurm import slurm as submitit_slurm
+
+            submitit_slurm.SlurmJobEnvironment._requeue = _ask_submitter_to_requeue
+        return super().__call__()
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         hook = getattr(self.fn, "on_checkpoint", None)
@@ -163,4 +211,5 @@ class CheckpointableTask(Task):
         return submitit.helpers.DelayedSubmission(self)
 
 
-__all__ = ["ATTEMPT_TAG", "CheckpointableTask", "Task", "TaskInfo", "TaskOutput", "attempt", "check_image", "task_env"]
+__all__ = ["ATTEMPT_TAG", "CheckpointableTask", "Task", "TaskInfo", "TaskOutput", "attempt", "check_image", "requeue_request",
+           "task_env"]

@@ -23,7 +23,7 @@ from glmsnake import disk, knobs
 from glmsnake.errors import GlmsnakeError
 from glmsnake.launch import slurm
 from glmsnake.launch.slurm import SlurmRejected
-from glmsnake.launch.task import ATTEMPT_TAG, TaskInfo
+from glmsnake.launch.task import ATTEMPT_TAG, TaskInfo, requeue_request
 
 T = TypeVar("T")
 
@@ -48,6 +48,9 @@ class JobRecord(Generic[T]):
     timings: dict[str, float] = field(default_factory=dict)
     folder: str = ""
     attempts: int = 1  # 1 + how often Slurm requeued the job
+    preflight: dict[str, Any] = field(default_factory=dict)  # the verdict: per-node seconds, nvls
+    excluded: list[str] = field(default_factory=list)  # nodes left out after failing preflight
+    retried: list[dict[str, Any]] = field(default_factory=list)  # each resubmission: job id, bad nodes
 
 
 def _outcome(job: Any, i: int, current: int = 0) -> tuple[str, Any] | None:
@@ -66,6 +69,19 @@ def _outcome(job: Any, i: int, current: int = 0) -> tuple[str, Any] | None:
         m = ATTEMPT_TAG.search(str(out[1]))
         k = int(m.group(1)) if m else current
     return out if k == current else None
+
+
+def _requeue_on_request(job: Any, job_id: str, current: int, asked: set[int]) -> bool:
+    """Requeue the job here if its attempt `current` asked for it (a task in a container has no
+    scontrol; task.requeue_request); True if it was requeued just now."""
+    if current in asked or not requeue_request(job.paths.folder, current).exists():
+        return False
+    asked.add(current)
+    r = slurm.run(["scontrol", "requeue", job_id])
+    how = "requeued it" if r.returncode == 0 else f"`scontrol requeue` failed: {(r.stderr or r.stdout).strip()}"
+    print(f"[glmsnake] job {job_id} (attempt {current}) asked to be requeued from here; {how}",
+          file=sys.stderr, flush=True)
+    return r.returncode == 0
 
 
 def _log_tail(job: Any, i: int, n: int = 30) -> str:
@@ -105,8 +121,10 @@ def wait_job(
     last_q = 0.0
     current = 0  # Slurm's restart count: the attempt whose results count
     requeues: list[float] = []
+    asked: set[int] = set()  # attempts whose request to be requeued we carried out
     while True:
         if launcher == "slurm":
+            _requeue_on_request(job, job_id, current, asked)
             # Before results are read: a requeue is registered (Restarts) before the tasks of
             # the ending attempt write their results, so those are never taken for the job's.
             restarts = slurm.job_restarts(job_id)
@@ -123,6 +141,8 @@ def wait_job(
             if outcomes[i] is None:
                 outcomes[i] = _outcome(job, i, current)
         if all(o is not None for o in outcomes):
+            if launcher == "slurm" and _requeue_on_request(job, job_id, current, asked):
+                continue  # the attempt asked to be requeued (it had no scontrol): these results end it
             r = slurm.job_restarts(job_id) if launcher == "slurm" else None
             if r is not None and r > current:
                 continue  # requeued while we read: those were the ending attempt's results
@@ -202,7 +222,9 @@ def _failures(
                 "log": _log_tail(job, i),
             })
         elif o[0] == "error":
-            failures.append({"rank": i, "node": node, "error": str(o[1]).strip(), "log": ""})
+            text = str(o[1]).strip()
+            ours = re.search(r"^RuntimeError: (rank \d+ on node .*)", text, re.M | re.S)  # past submitit's traceback
+            failures.append({"rank": i, "node": node, "error": ours.group(1) if ours else text, "log": ""})
     return failures
 
 

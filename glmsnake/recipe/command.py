@@ -10,7 +10,7 @@ import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from glmsnake.launch.driver import HEAD_ADDRESS, Driver, at_head
+from glmsnake.launch.driver import HEAD_ADDRESS, NVLS, Driver, at_head
 from glmsnake.recipe.args import SglangArgs
 
 if TYPE_CHECKING:
@@ -105,22 +105,23 @@ def placement_args(run: "Run") -> list[str]:
     return args + (["--colocate"] if run.train.colocate else [])
 
 
-def driver(wf: "Workflow", run_name: str, head_address: str, interface: str | None = None) -> Driver:
+def driver(wf: "Workflow", run_name: str, head_address: str, interface: str | None = None,
+           nvls: str = "0") -> Driver:
     """slime's `train.py` command and its runtime env, as slime's run scripts set them."""
     run = wf.runs[run_name]
     argv = [*TRAIN_PY, *placement_args(run)]
     for args in groups(wf, run_name).values():
         argv += args
-    return Driver(argv=argv, cwd=run.train.slime_dir, env=runtime_env(run, head_address, interface))
+    return Driver(argv=argv, cwd=run.train.slime_dir, env=runtime_env(run, head_address, interface, nvls))
 
 
 def driver_factory(wf: "Workflow", run_name: str, interface: str | None = None) -> functools.partial[Driver]:
     """`driver` as run_ray_job's driver_factory: rendered now, from the config, as plain data (it
     crosses into the tasks, i.e. the container); the head fills in its address."""
-    return functools.partial(at_head, driver(wf, run_name, HEAD_ADDRESS, interface))
+    return functools.partial(at_head, driver(wf, run_name, HEAD_ADDRESS, interface, NVLS))
 
 
-def runtime_env(run: "Run", head_address: str, interface: str | None = None) -> dict[str, str]:
+def runtime_env(run: "Run", head_address: str, interface: str | None = None, nvls: str = "0") -> dict[str, str]:
     env = {
         "no_proxy": f"localhost,127.0.0.1,{head_address}",
         "NO_PROXY": f"localhost,127.0.0.1,{head_address}",
@@ -128,8 +129,9 @@ def runtime_env(run: "Run", head_address: str, interface: str | None = None) -> 
         "PYTHONPATH": run.train.megatron_dir,
         "CUDA_DEVICE_MAX_CONNECTIONS": "1",
         "NVSHMEM_DISABLE_NCCL": "1",
-        # NVLS needs NVLink switches; 1 only where nvidia-smi reports them (set by the launcher).
-        "NCCL_NVLS_ENABLE": "0",
+        # NVLS needs NVLink: 1 where nvidia-smi's topology shows NVLink on every node (preflight
+        # decides it on the allocation; slime's scripts count `NV<n>` in `nvidia-smi topo -m`).
+        "NCCL_NVLS_ENABLE": nvls,
     }
     if interface:
         env["GLOO_SOCKET_IFNAME"] = interface
@@ -147,7 +149,7 @@ def render_text(wf: "Workflow", run_name: str) -> str:
         lines.append(")")
         lines.append("")
     run = wf.runs[run_name]
-    env = runtime_env(run, head_address="${MASTER_ADDR}")
+    env = runtime_env(run, head_address="${MASTER_ADDR}", nvls="${HAS_NVLINK}")
     lines.append("# runtime env: " + " ".join(f"{k}={v}" for k, v in env.items()))
     lines.append(f"cd {_quote(run.train.slime_dir)} && " + " ".join([*TRAIN_PY, *placement_args(run)])
                  + " " + " ".join(f'"${{{g}_ARGS[@]}}"' for g in GROUP_ORDER))

@@ -16,7 +16,8 @@ def cluster(wf: Workflow) -> Cluster:
     return Cluster(
         launcher=wf.user.launcher,
         slurm=SlurmSettings(partition=s.partition, account=s.account, qos=s.qos, constraint=s.constraint,
-                            network_interface=s.network_interface),
+                            network_interface=s.network_interface, exclude=tuple(s.exclude), preflight=s.preflight,
+                            exclude_bad_nodes=s.exclude_bad_nodes, preflight_retries=s.preflight_retries),
         # base_dir is mounted too: every task reads and writes there.
         container=ContainerSettings(runtime=c.runtime, image=c.image,
                                     mounts=tuple(dict.fromkeys([*c.mounts, str(wf.base)])),
@@ -30,12 +31,19 @@ def allocation(a: AllocationConfig) -> Allocation:
 
 
 def job_record(rec: Any) -> dict[str, Any]:
-    """The job id and nodes of a launch record, for a sentinel."""
+    """The job id and nodes of a launch record, for a sentinel; with preflight's cost and any nodes
+    it left out (and the jobs that found them)."""
     out = {}
     for k in ("job_id", "nodes"):
         v = getattr(rec, k, None)
         if v is not None:
             out[k] = v if isinstance(v, (str, int, list)) else str(v)
+    verdict = getattr(rec, "preflight", None) or {}
+    if "wall_s" in verdict:
+        out["preflight_s"] = verdict["wall_s"]
+    if getattr(rec, "excluded", None):
+        out["excluded"] = list(rec.excluded)
+        out["retried"] = list(rec.retried)
     return out
 
 

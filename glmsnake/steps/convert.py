@@ -50,7 +50,7 @@ def convert_torch_dist(wf: Workflow, sentinel: Path) -> None:
         task = slime_converter(wf, stage)
         tasks_per_node = 1
     job = JobSpec(name=JOB, allocation=allocation(cfg.allocation), log_dir=paths.job_logs(JOB),
-                  tasks_per_node=tasks_per_node)
+                  tasks_per_node=tasks_per_node, room_bytes=disk.weight_bytes(paths.hf_dir))
     rec = run_job(cluster(wf), job, task)
     if cfg.backend == "glmsnake":
         atomic.write_bytes(stage / td.TRACKER_NAME, td.RELEASE.encode())

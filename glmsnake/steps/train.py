@@ -95,7 +95,7 @@ def train_run(wf: Workflow, sentinel: Path, run: str) -> None:
     pruner = retention.Pruner(ckroot, keep and retention.Policy(keep.last, keep.every), run_paths.pruned,
                               run_paths.disk_warning, knobs.PRUNE_INTERVAL_S.as_float(), log=_say)
     with pruner:  # prunes while the job runs, both backends; warns when two checkpoints no longer fit
-        job, rc = _run_driver(wf, run, settings_path)
+        job, rc = _run_driver(wf, run, settings_path, checkpoint_size)
     if rc != 0:
         size, free = retention.checkpoint_bytes(ckroot) or checkpoint_size, disk.free_bytes(ckroot)
         if free < size:  # the likeliest cause, and resuming would fail the same way
@@ -132,8 +132,10 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-def _run_driver(wf: Workflow, run: str, settings_path: Path) -> tuple[dict[str, Any], int]:
-    """The training driver on the run's allocation (Slurm + Ray) or as a child process: (job record, exit code)."""
+def _run_driver(wf: Workflow, run: str, settings_path: Path, checkpoint_size: int = 0) -> tuple[dict[str, Any], int]:
+    """The training driver on the run's allocation (Slurm + Ray) or as a child process: (job record, exit code).
+
+    Every node's preflight checks room for one checkpoint where it sees base_dir."""
     r = wf.runs[run]
     if wf.user.launcher == "slurm":
         if r.train.backend == "local":
@@ -141,12 +143,15 @@ def _run_driver(wf: Workflow, run: str, settings_path: Path) -> tuple[dict[str, 
         else:
             factory = recipe.driver_factory(wf, run, interface=wf.user.slurm.network_interface)
         name = f"train_{run}"
-        spec = JobSpec(name=name, allocation=allocation(r.train.allocation), log_dir=wf.paths.job_logs(name))
+        spec = JobSpec(name=name, allocation=allocation(r.train.allocation), log_dir=wf.paths.job_logs(name),
+                       room_bytes=checkpoint_size)
         # Checkpointable: Slurm's USR2 before the time limit, or a preemption, requeues the job
         # and the driver resumes from the latest checkpoint by itself (max_requeues bounds
         # the time-limit requeues). The driver's output streams into this step's stdout, i.e. the rule's log.
         res = run_ray_job(cluster(wf), spec, factory, max_requeues=r.train.max_requeues, echo_to=sys.stdout.buffer)
         job = {"slurm_job_id": res.slurm_job_id, "ray_job_id": res.job_id, "nodes": res.nodes,
+               "preflight_s": res.preflight.get("wall_s"), "nccl_nvls_enable": res.preflight.get("nvls"),
+               "excluded": res.excluded,
                "gpus": res.gpus, "timings": res.timings, "status": res.status, "attempts": res.attempts}
         return job, res.exit_code
     if r.train.backend != "local":

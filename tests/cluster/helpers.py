@@ -35,6 +35,16 @@ def task_env_and_python() -> dict[str, str]:
             "image": os.environ.get("GLMSNAKE_CONTAINER_IMAGE", "")}
 
 
+def sleep_unless_requeued() -> int:
+    """The first attempt sleeps (to be signalled); a requeued one returns its restart count."""
+    import time
+
+    k = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    if k == 0:
+        time.sleep(120)
+    return k
+
+
 def fail_on_rank_1() -> int:
     if os.environ["RANK"] == "1":
         raise ValueError("deliberate failure")

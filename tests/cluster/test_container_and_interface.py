@@ -49,7 +49,7 @@ def _shim(tmp_path: Path, monkeypatch, runtime: str) -> Path:
 
 
 def _run(cluster: Cluster, tmp_path: Path, name: str) -> JobRecord:
-    return run_job(cluster, JobSpec(name, CONVERT_ALLOCATION, tmp_path / "logs", tasks_per_node=2), task_env)
+    return run_job(cluster, JobSpec(name, CONVERT_ALLOCATION, _base(tmp_path) / "logs", tasks_per_node=2), task_env)
 
 
 def _run_in_container(tmp_path: Path, monkeypatch, runtime: str):
@@ -60,14 +60,14 @@ def _run_in_container(tmp_path: Path, monkeypatch, runtime: str):
     cluster = _cluster(tmp_path, runtime, (str(data),))
     cloudpickle.register_pickle_by_value(helpers)  # the repository is hidden in the image
     try:
-        rec = run_job(cluster, JobSpec(runtime, CONVERT_ALLOCATION, tmp_path / "logs", tasks_per_node=2),
+        rec = run_job(cluster, JobSpec(runtime, CONVERT_ALLOCATION, _base(tmp_path) / "logs", tasks_per_node=2),
                       helpers.task_env_and_python)
     finally:
         cloudpickle.unregister_pickle_by_value(helpers)
     assert [int(e["RANK"]) for e in rec.results] == [0, 1, 2, 3] and len(rec.nodes) == 2
     # Every task ran the image's python3 and glmsnake from the shipped runtime, not this checkout.
     image_dir = dict(e.split("=", 1) for e in os.environ["GLMSNAKE_TEST_IMAGES"].split(","))[IMAGE]
-    runtime_dir = next((tmp_path / "logs" / "submitit" / "task-runtime").iterdir())
+    runtime_dir = next((_base(tmp_path) / "logs" / "submitit" / "task-runtime").iterdir())
     for e in rec.results:
         assert e["executable"].startswith(image_dir) and e["image"] == IMAGE, e
         assert e["glmsnake"] == str(runtime_dir / "glmsnake" / "__init__.py"), e
@@ -183,11 +183,57 @@ def test_the_oldest_supported_ray_runs_the_launcher(slurm_cluster, container_ima
     template = Driver(argv=["python3", "-c", probe], cwd=str(tmp_path),
                       env={"no_proxy": f"localhost,127.0.0.1,{HEAD_ADDRESS}"})
     log = tmp_path / "driver.log"
-    job = JobSpec("oldest_ray", Allocation(nodes=1, gpus_per_node=8, cpus_per_task=1, time_min=20), tmp_path / "logs")
+    job = JobSpec("oldest_ray", Allocation(nodes=1, gpus_per_node=8, cpus_per_task=1, time_min=20), _base(tmp_path) / "logs")
     r = run_ray_job(cluster, job, functools.partial(at_head, template), log, object_store_mb=128)
     text = log.read_text()
     assert r.exit_code == 0, text[-3000:]
     assert f'PROBE ["{OLDEST}", 1]' in text and r.gpus == 8, text[-3000:]
-    errs = sorted((tmp_path / "logs" / "submitit").glob("*/*_log.err"))
+    errs = sorted((_base(tmp_path) / "logs" / "submitit").glob("*/*_log.err"))
     assert len(errs) == 1 and f"{IMAGE_OLDEST_RAY} has Ray {OLDEST}, which has no token authentication" in \
         errs[0].read_text()
+
+
+def test_a_container_task_is_requeued_by_the_submitting_side(slurm_cluster, container_images, tmp_path, monkeypatch):
+    """USR2 (time limit near, preemption) to a checkpointable job in the image, which has no
+    scontrol: rank 0 leaves a request in the job folder, the waiting side requeues the job, and
+    the second attempt's result comes back."""
+    import subprocess
+    import threading
+    import time
+
+    _shim(tmp_path, monkeypatch, "pyxis")
+    cluster = _cluster(tmp_path, "pyxis")
+    out: dict = {}
+    cloudpickle.register_pickle_by_value(helpers)
+    try:
+        t = threading.Thread(target=lambda: out.update(rec=run_job(
+            cluster, JobSpec("rq_box", CONVERT_ALLOCATION, _base(tmp_path) / "logs"), helpers.sleep_unless_requeued,
+            max_requeues=1)), daemon=True)
+        t.start()
+        deadline, job_id = time.time() + 60, None
+        while time.time() < deadline and not job_id:
+            q = subprocess.run(["squeue", "-h", "-n", "rq_box", "-o", "%i %T"], capture_output=True, text=True).stdout.split()
+            job_id = q[0] if q[1:2] == ["RUNNING"] and list((_base(tmp_path) / "logs" / "submitit").glob(
+                "*/glmsnake.rendezvous.json")) else None
+            time.sleep(0.3)
+        assert job_id, "the job did not start"
+        time.sleep(2)
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            info = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+            if "Restarts=1" in info and "JobState=PENDING" in info:
+                slurm_cluster.wait_idle(timeout=60)
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+                break
+            time.sleep(0.3)
+        else:
+            pytest.fail(f"job {job_id} was not requeued: {info}")
+        t.join(timeout=120)
+    finally:
+        cloudpickle.unregister_pickle_by_value(helpers)
+    rec = out["rec"]
+    assert rec.attempts == 2 and rec.results == [1, 1]
+    folder = _base(tmp_path) / "logs" / "submitit" / job_id
+    assert (folder / "glmsnake.requeue.0.json").is_file()
+    assert "no scontrol here; asked the submitting side to requeue it" in (folder / f"{job_id}_0_log.err").read_text()

@@ -71,7 +71,7 @@ def test_slime_driver_contract_on_8_nodes(slurm_cluster, container_images, tmp_p
     paths = wf.paths.run("default")
     # Checkpoint retention as the train step runs it around the job, from glmsnake's side: slime is unmodified.
     with retention.Pruner(paths.checkpoints, retention.Policy(last=2), paths.pruned, paths.disk_warning, 0.05):
-        r = run_ray_job(*_launch(wf, run.train.allocation, "train_default", tmp_path / "logs"), factory, log,
+        r = run_ray_job(*_launch(wf, run.train.allocation, "train_default", wf.base / "logs"), factory, log,
                         object_store_mb=128)
     text = log.read_text()
     assert r.exit_code == 0, text[-3000:]

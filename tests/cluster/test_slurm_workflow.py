@@ -218,6 +218,10 @@ def test_requeue_comes_back_by_itself_and_resumes(slurm_cluster, wf_env, base, t
     assert set(before_iters) <= set(_iters(ck))
     assert _rollout_ids(metrics) == list(range(160))
     assert slurm_cluster.leftovers() == []
+    # The second attempt's Ray had a mark and temp folder of its own; both attempts' folders are gone.
+    folder = base / "base" / "logs" / "train_rq" / "submitit" / job_id
+    assert any(f"/tmp/rj{job_id}r1n0/" in p.read_text() for p in (folder / "attempt1").glob("ray-*.log"))
+    assert glob.glob(f"/tmp/rj{job_id}n*") == [] and glob.glob(f"/tmp/rj{job_id}r*") == []
 
 
 def test_time_limit_ends_training_and_the_rerun_resumes(slurm_cluster, wf_env, base, train_run):

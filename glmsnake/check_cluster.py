@@ -1,0 +1,50 @@
+"""`glmsnake preflight`: the allocation checks alone, on a fresh allocation, before a long run.
+
+The same per-node checks every multi-node step runs first (launch/preflight.py), on the shape of
+a run's training allocation (or `--nodes N` of it), with nothing started after them. Prints one
+line per node; a failed check is an error naming the node, the check and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from glmsnake.config import Workflow
+from glmsnake.errors import GlmsnakeError
+from glmsnake.launch import JobSpec, run_job
+from glmsnake.launch.preflight import REPORTS
+from glmsnake.launch.task import task_env
+from glmsnake.steps.common import allocation, cluster
+
+
+def check_cluster(wf: Workflow, run: str | None = None, nodes: int | None = None) -> int:
+    if wf.user.launcher != "slurm":
+        raise GlmsnakeError("preflight checks a Slurm allocation (launcher is local)",
+                            "set `launcher: slurm` in the config, or pass --config launcher=slurm")
+    name = run or next(iter(wf.runs))
+    if name not in wf.runs:
+        raise GlmsnakeError(f"no run named {name!r}", f"choose one of {sorted(wf.runs)}")
+    alloc = allocation(wf.runs[name].train.allocation)
+    if nodes is not None:
+        if nodes < 1:
+            raise GlmsnakeError(f"--nodes must be at least 1 (got {nodes})", "pass --nodes 1 or more")
+        alloc = type(alloc)(**{**alloc.__dict__, "nodes": nodes})
+    job = JobSpec(name="preflight", allocation=alloc, log_dir=wf.paths.job_logs("preflight"))
+    rec = run_job(cluster(wf), job, task_env)
+    reports = Path(rec.folder) / REPORTS
+    print(f"preflight: {len(rec.nodes)} node(s) x {alloc.gpus_per_node} GPU(s) passed in "
+          f"{rec.preflight.get('wall_s', 0):.1f} s (job {rec.job_id}); NCCL_NVLS_ENABLE={rec.preflight.get('nvls', 0)}")
+    for node in rec.nodes:
+        try:
+            r = json.loads((reports / f"{node}.json").read_text())
+        except (OSError, ValueError):
+            continue
+        print(f"  {node}: GPUs {r.get('smi_gpus', r.get('visible_gpus'))}, driver {r.get('driver') or '-'}, "
+              f"CUDA {r.get('cuda') or '-'}, NCCL {r.get('nccl') or '-'}, torch {r.get('torch') or '-'}, "
+              f"Ray {r.get('ray') or '-'}, image {r.get('image') or '-'}, {r['free_bytes'] / 1e12:.2f} TB free, "
+              f"{r['seconds']:.1f} s")
+    return 0
+
+
+__all__ = ["check_cluster"]

@@ -1,0 +1,280 @@
+"""Preflight: every node of a fresh allocation checks itself before the expensive part starts.
+
+One task per node (local rank 0) inspects its node (GPUs, driver and software versions, the
+shared folder, free space, NVLink) and writes a report into the job folder. Rank 0 waits for
+every node's report under one deadline and judges them together: what one node lacks, and what
+differs between nodes (a driver, CUDA, NCCL, the image). Every task waits for rank 0's verdict,
+so a bad node ends the job within seconds, named with the check and the fix, before torchrun,
+Ray or slime start. The verdict lists the bad nodes: with `slurm.exclude_bad_nodes` the
+launcher submits once more without them (launch/run.py).
+
+`nvidia-smi` is asked where it exists; without it (CPU nodes) only what Slurm says is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from glmsnake import knobs
+from glmsnake.errors import GlmsnakeError
+
+VERDICT = "preflight.json"
+REPORTS = "preflight"
+
+
+class PreflightFailed(GlmsnakeError):
+    """A node of the allocation failed a check; `bad_nodes` names them."""
+
+    def __init__(self, problem: str, fix: str, bad_nodes: list[str]):
+        super().__init__(problem, fix)
+        self.bad_nodes = bad_nodes
+
+
+@dataclass(frozen=True)
+class PreflightSpec:
+    """What the step asks of every node (picklable plain data)."""
+
+    gpus_per_node: int
+    nodes: int
+    room_bytes: int = 0  # free space the step will need under the job folder (on base_dir)
+    deadline_s: float = 60.0
+
+
+# --------------------------------------------------------------------------- one node
+
+
+def _nvidia_smi(*args: str) -> str | None:
+    """nvidia-smi's output, or None where it does not exist or fails."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        r = subprocess.run([exe, *args], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def visible_gpus() -> int | None:
+    """GPUs Slurm gave this task (CUDA_VISIBLE_DEVICES, else SLURM_GPUS_ON_NODE); None if neither is set."""
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None:
+        return len([d for d in cvd.split(",") if d.strip() and d.strip() != "-1"])
+    n = os.environ.get("SLURM_GPUS_ON_NODE")
+    return int(n) if n and n.isdigit() else None
+
+
+def node_report(spec: PreflightSpec, folder: Path, token: str | None) -> dict[str, Any]:
+    """This node's facts, for rank 0 to judge; `token`: what this node read back from the shared folder."""
+    t0 = time.monotonic()
+    rep: dict[str, Any] = {
+        "visible_gpus": visible_gpus(),
+        "image": knobs.CONTAINER_IMAGE.raw(),
+        "python": sys.version.split()[0],
+        "torch": _package_version("torch"),
+        "nccl": _package_version("nvidia-nccl-cu12") or _package_version("nvidia-nccl-cu13"),
+        "ray": _package_version("ray"),
+    }
+    rep["token"] = token  # rank 0 compares it with what it wrote: the same shared folder?
+    free = shutil.disk_usage(folder).free
+    rep["free_bytes"] = free
+    gpus = _nvidia_smi("--query-gpu=index,uuid,driver_version,ecc.errors.uncorrected.volatile.total",
+                       "--format=csv,noheader,nounits")
+    if gpus is not None:
+        rows = [[c.strip() for c in line.split(",")] for line in gpus.splitlines() if line.strip()]
+        rep["smi_gpus"] = len(rows)
+        rep["driver"] = rows[0][2] if rows else None
+        rep["ecc_gpus"] = [r[0] for r in rows if len(r) > 3 and r[3].isdigit() and int(r[3]) > 0]
+        uuid_to_index = {r[1]: r[0] for r in rows if len(r) > 1}
+        apps = _nvidia_smi("--query-compute-apps=gpu_uuid,pid", "--format=csv,noheader") or ""
+        busy = {}
+        for line in apps.splitlines():
+            parts = [c.strip() for c in line.split(",")]
+            if len(parts) == 2 and parts[0]:
+                busy.setdefault(uuid_to_index.get(parts[0], parts[0]), []).append(parts[1])
+        rep["busy_gpus"] = busy
+        header = _nvidia_smi() or ""
+        m = re.search(r"CUDA Version:\s*([\d.]+)", header)
+        rep["cuda"] = m.group(1) if m else None
+        topo = _nvidia_smi("topo", "-m") or ""
+        rep["nvlink_refs"] = len(re.findall(r"\bNV\d+\b", topo))  # as slime's run scripts count them
+    rep["seconds"] = round(time.monotonic() - t0, 3)
+    return rep
+
+
+# --------------------------------------------------------------------------- all nodes, on rank 0
+
+CONSISTENT = (("driver", "GPU driver"), ("cuda", "CUDA"), ("nccl", "NCCL"), ("torch", "torch"),
+              ("image", "container image"), ("python", "Python"), ("ray", "Ray"))
+
+
+def judge(spec: PreflightSpec, reports: dict[str, dict[str, Any] | None], folder: Path,
+          token: str | None = None) -> dict[str, Any]:
+    """The verdict on every node's report: failures (node, check, problem, fix), bad nodes, NVLS."""
+    failures: list[dict[str, str]] = []
+
+    def fail(node: str, check: str, problem: str, fix: str) -> None:
+        failures.append({"node": node, "check": check, "problem": problem, "fix": fix})
+
+    for node, rep in reports.items():
+        if rep is None:
+            fail(node, "storage", f"{node} sent no preflight report within {spec.deadline_s:.0f} s: it may not "
+                 f"see the job folder {folder} (base_dir must be on storage every node mounts)",
+                 "put base_dir on a shared filesystem, or leave the node out")
+            continue
+        if token is not None and rep.get("token") != token:
+            fail(node, "storage", f"{node} reads another file at {folder / REPORTS / 'token'} than the head "
+                 "wrote: base_dir is not the same shared filesystem there", "put base_dir on storage every node mounts")
+        want = spec.gpus_per_node
+        seen = rep.get("smi_gpus") if rep.get("smi_gpus") is not None else rep.get("visible_gpus")
+        if want and rep.get("visible_gpus") is not None and rep["visible_gpus"] < want:
+            fail(node, "gpus", f"{node} gives the task {rep['visible_gpus']} GPU(s) (CUDA_VISIBLE_DEVICES), the "
+                 f"step asked for {want}", "check the node's gres configuration, or leave the node out")
+        elif want and seen is not None and seen < want:
+            fail(node, "gpus", f"nvidia-smi on {node} sees {seen} GPU(s), the step asked for {want}",
+                 "a GPU may have fallen off the bus: ask the admins to check the node, or leave it out")
+        for gpu, pids in sorted((rep.get("busy_gpus") or {}).items()):
+            fail(node, "gpus", f"GPU {gpu} on {node} is busy with another process's compute (pid {', '.join(pids)})",
+                 "leave the node out, or ask the admins to clean it")
+        if rep.get("ecc_gpus"):
+            fail(node, "gpus", f"GPU(s) {', '.join(rep['ecc_gpus'])} on {node} report uncorrected ECC errors",
+                 "leave the node out and report it to the admins")
+        if spec.room_bytes and rep.get("free_bytes", 0) < spec.room_bytes:
+            fail(node, "storage", f"{node} sees {rep['free_bytes'] / 1e9:.1f} GB free under {folder}, the step will "
+                 f"write about {spec.room_bytes / 1e9:.1f} GB", "free space under base_dir, or move base_dir")
+    good = {n: r for n, r in reports.items() if r is not None}
+    for key, what in CONSISTENT:
+        values: dict[str, list[str]] = {}
+        for node, rep in good.items():
+            if rep.get(key) is not None:
+                values.setdefault(str(rep[key]), []).append(node)
+        if len(values) > 1:
+            # The majority is right; the rest are named (a tie names every side).
+            ranked = sorted(values.items(), key=lambda kv: -len(kv[1]))
+            top = len(ranked[0][1])
+            odd = [(v, ns) for v, ns in ranked if len(ns) < top] or ranked
+            for v, ns in odd:
+                fail(",".join(ns), "software", f"{what} {v} on {', '.join(ns)} differs from the other nodes' "
+                     f"({'; '.join(f'{w} on {len(m)} node(s)' for w, m in ranked if w != v)})",
+                     f"align the {what} across the nodes, or leave {', '.join(ns)} out")
+    bad = sorted({n for f in failures for n in f["node"].split(",")})
+    nvlink = [r.get("nvlink_refs") for r in good.values()]
+    nvls = 1 if nvlink and all(isinstance(x, int) and x > 0 for x in nvlink) else 0
+    return {"ok": not failures, "failures": failures, "bad_nodes": bad, "nvls": nvls,
+            "seconds": {n: r["seconds"] for n, r in good.items()}}
+
+
+def explain(verdict: dict[str, Any]) -> PreflightFailed:
+    """The error for a failed verdict: every failure, then one fix."""
+    lines = [f"{f['check']}: {f['problem']}" for f in verdict["failures"]]
+    fixes = list(dict.fromkeys(f["fix"] for f in verdict["failures"]))
+    bad = verdict["bad_nodes"]
+    return PreflightFailed(
+        f"preflight failed on {', '.join(bad)}:\n  " + "\n  ".join(lines),
+        "; ".join(fixes) + " (`slurm.exclude_bad_nodes: true` submits again without them)",
+        bad,
+    )
+
+
+# --------------------------------------------------------------------------- in every task
+
+
+def run(spec: PreflightSpec, folder: Path, rank: int, local_rank: int, node: str, nodes_total: int) -> dict[str, Any]:
+    """Every task calls this before its work: the verdict, or PreflightFailed (on every rank)."""
+    folder = Path(folder)
+    reports_dir = folder / REPORTS
+    verdict_path = folder / VERDICT
+    t0 = time.monotonic()
+    deadline = time.monotonic() + spec.deadline_s
+    if rank == 0:
+        reports_dir.mkdir(parents=True, exist_ok=True)
+        token = os.urandom(16).hex()
+        _write_text(reports_dir / "token", token)
+    if local_rank == 0:
+        seen = _wait_text(reports_dir / "token", deadline)
+        _write_json(reports_dir / f"{node}.json", node_report(spec, folder, seen))
+    if rank == 0:
+        reports: dict[str, dict[str, Any] | None] = {}
+        while True:
+            found = {p.stem: p for p in reports_dir.glob("*.json")}
+            if len(found) >= nodes_total or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        for name, p in found.items():
+            reports[name] = json.loads(p.read_text())
+        for missing in _missing_nodes(set(found), nodes_total):
+            reports[missing] = None
+        verdict = judge(spec, reports, folder, token)
+        verdict["wall_s"] = round(time.monotonic() - t0, 3)
+        _write_json(verdict_path, verdict)
+    else:
+        raw = _wait_text(verdict_path, deadline + 10)
+        verdict = json.loads(raw) if raw else {"ok": False, "failures": [], "bad_nodes": [],
+                                               "timeout": True}
+        if verdict.get("timeout"):
+            raise GlmsnakeError(f"no preflight verdict from rank 0 within {spec.deadline_s + 10:.0f} s",
+                                "read rank 0's task log")
+    if not verdict["ok"]:
+        raise explain(verdict)
+    return verdict
+
+
+def _missing_nodes(found: set[str], total: int) -> list[str]:
+    """Slurm's names of the allocation's nodes that sent no report (SLURM_JOB_NODELIST)."""
+    names = _job_nodes()
+    missing = [n for n in names if n not in found]
+    return missing or [f"node {k}" for k in range(len(found), total)]
+
+
+def _job_nodes() -> list[str]:
+    """The job's node names: from what the batch script asked Slurm (a container has no scontrol)."""
+    known = [kv.split("=", 1)[0] for kv in knobs.NODE_ADDRS.raw().split(",") if "=" in kv]
+    if known:
+        return known
+    nodelist = os.environ.get("SLURM_JOB_NODELIST", "")
+    if not nodelist:
+        return []
+    try:
+        r = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return r.stdout.split()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_text(path, json.dumps(obj, indent=1, sort_keys=True))
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _wait_text(path: Path, deadline: float) -> str | None:
+    while time.monotonic() < deadline:
+        try:
+            return path.read_text()
+        except FileNotFoundError:
+            time.sleep(0.05)
+    return None
+
+
+__all__ = ["PreflightFailed", "PreflightSpec", "REPORTS", "VERDICT", "judge", "node_report", "run", "visible_gpus"]

@@ -1,0 +1,109 @@
+"""Preflight on the loopback Slurm cluster: each node of an allocation checks itself first.
+
+The test nodes have no GPUs, so a test-only nvidia-smi (gpu_shims/) answers per node from a
+JSON file: one node can have another driver, a busy GPU, ECC errors, a missing GPU, or NVLink.
+Allocation, ranks, the job folder and the resubmission are real.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from glmsnake.launch import Allocation, Cluster, JobSpec, SlurmSettings, TaskFailed, run_job, run_ray_job
+from glmsnake.launch.driver import NVLS, Driver, at_head
+from tests.cluster.helpers import task_env
+
+pytestmark = pytest.mark.slurm
+GPU_SHIMS = Path(__file__).resolve().parent / "gpu_shims"
+
+
+def _gpus(tmp_path: Path, monkeypatch, config: dict) -> None:
+    """The stand-in nvidia-smi first on PATH (sbatch exports it to the job), answering from `config`."""
+    path = tmp_path / "gpus.json"
+    path.write_text(json.dumps(config))
+    monkeypatch.setenv("PATH", f"{GPU_SHIMS}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("GLMSNAKE_FAKE_GPUS", str(path))
+
+
+def _job(tmp_path: Path, nodes: int, name: str) -> JobSpec:
+    return JobSpec(name, Allocation(nodes=nodes, gpus_per_node=8, cpus_per_task=1, time_min=10), tmp_path / "logs")
+
+
+def test_bad_nodes_are_named_with_the_check_and_the_fix(slurm_cluster, tmp_path, monkeypatch):
+    """Another driver, a busy GPU, ECC errors, a lost GPU: each on its node, all in one message,
+    before the job's work starts (the task function never ran)."""
+    _gpus(tmp_path, monkeypatch, {"node2": {"driver": "535.104.05"}, "node3": {"busy": {"3": [4242]}},
+                                  "node4": {"ecc": {"5": 2}}, "node5": {"gpus": 7}})
+    cluster = Cluster(launcher="slurm", slurm=SlurmSettings(partition="debug"))
+    with pytest.raises(TaskFailed) as e:
+        run_job(cluster, _job(tmp_path, 5, "bad_nodes"), task_env)
+    msg = str(e.value)
+    assert "preflight failed on node2, node3, node4, node5" in msg, msg[:3000]
+    assert "GPU driver 535.104.05 on node2 differs from the other nodes' (550.54.15 on 4 node(s))" in msg
+    assert "GPU 3 on node3 is busy with another process's compute (pid 4242)" in msg
+    assert "GPU(s) 5 on node4 report uncorrected ECC errors" in msg
+    assert "nvidia-smi on node5 sees 7 GPU(s), the step asked for 8" in msg
+    assert "`slurm.exclude_bad_nodes: true` submits again without them" in msg
+    verdict = json.loads(next((tmp_path / "logs" / "submitit").glob("*/preflight.json")).read_text())
+    assert verdict["ok"] is False and verdict["bad_nodes"] == ["node2", "node3", "node4", "node5"]
+    assert sorted(verdict["seconds"]) == [f"node{k}" for k in range(1, 6)]
+
+
+def test_with_exclusion_the_job_runs_again_without_the_bad_node(slurm_cluster, tmp_path, monkeypatch):
+    _gpus(tmp_path, monkeypatch, {"node2": {"driver": "535.104.05"}})
+    cluster = Cluster(launcher="slurm", slurm=SlurmSettings(partition="debug", exclude_bad_nodes=True))
+    rec = run_job(cluster, _job(tmp_path, 3, "exclude"), task_env)
+    assert rec.excluded == ["node2"] and len(rec.retried) == 1 and rec.retried[0]["bad_nodes"] == ["node2"]
+    assert "node2" not in rec.nodes and len(rec.nodes) == 3
+    assert rec.preflight["ok"] is True and rec.preflight["wall_s"] < 30
+    assert [int(r["RANK"]) for r in rec.results] == [0, 1, 2]
+
+
+def test_retries_are_bounded(slurm_cluster, tmp_path, monkeypatch):
+    """Every node has a busy GPU: one resubmission (preflight_retries: 1), then the error."""
+    _gpus(tmp_path, monkeypatch, {"default": {"busy": {"0": [7]}}, "node1": {"busy": {}}})
+    cluster = Cluster(launcher="slurm", slurm=SlurmSettings(partition="debug", exclude_bad_nodes=True,
+                                                            preflight_retries=1))
+    with pytest.raises(TaskFailed) as e:
+        run_job(cluster, _job(tmp_path, 2, "bounded"), task_env)
+    assert "GPU 0 on node" in str(e.value)
+    assert len(list((tmp_path / "logs" / "submitit").glob("*/preflight.json"))) == 2  # two jobs, no third
+
+
+@pytest.mark.parametrize("nvlink", [True, False], ids=["nvlink", "pcie"])
+def test_nvls_follows_the_nodes_topology(slurm_cluster, tmp_path, monkeypatch, nvlink):
+    """NCCL_NVLS_ENABLE in the driver's environment is 1 only where every node shows NVLink."""
+    _gpus(tmp_path, monkeypatch, {"default": {"nvlink": nvlink}})
+    cluster = Cluster(launcher="slurm", slurm=SlurmSettings(partition="debug"))
+    template = Driver(argv=["python3", "-c", "import os; print('NVLS=' + os.environ['NCCL_NVLS_ENABLE'])"],
+                      cwd=str(tmp_path), env={"NCCL_NVLS_ENABLE": NVLS})
+    log = tmp_path / "driver.log"
+    r = run_ray_job(cluster, _job(tmp_path, 1, "nvls"), functools.partial(at_head, template), log, object_store_mb=128)
+    assert r.exit_code == 0 and f"NVLS={int(nvlink)}" in log.read_text()
+    assert r.preflight["nvls"] == int(nvlink)
+
+
+def test_glmsnake_preflight_checks_a_fresh_allocation(slurm_cluster, tmp_path, monkeypatch):
+    """`glmsnake preflight --nodes N` before a long run: a line per node when all pass; the bad node,
+    its check and the fix (exit 2, no traceback) when one does not."""
+    import shutil
+    import subprocess
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"base_dir: {tmp_path / 'base'}\nlauncher: slurm\nslurm: {{partition: debug}}\n")
+    cmd = [shutil.which("glmsnake"), "preflight", "--configfile", str(cfg), "--nodes", "3"]
+    _gpus(tmp_path, monkeypatch, {"default": {"nvlink": True}})
+    ok = subprocess.run(cmd, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "preflight: 3 node(s) x 8 GPU(s) passed" in ok.stdout and "NCCL_NVLS_ENABLE=1" in ok.stdout
+    lines = [ln for ln in ok.stdout.splitlines() if ln.startswith("  node")]
+    assert len(lines) == 3 and all("GPUs 8, driver 550.54.15, CUDA 12.4" in ln for ln in lines), ok.stdout
+    _gpus(tmp_path, monkeypatch, {"node2": {"driver": "535.104.05"}})
+    bad = subprocess.run(cmd, capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    assert "preflight failed on node2" in bad.stderr and "fix: " in bad.stderr
