@@ -54,7 +54,9 @@ def run_job(
         try:
             rec = _run_once(attempt_cluster, job, fn, on_running, log, max_requeues)
         except TaskFailed as e:
-            bad = [n for n in _preflight_verdict(job, e.job_id).get("bad_nodes", []) if n not in excluded]
+            unseen = [f["node"] for f in e.failures if f.get("unseen_folder")]
+            found = [*_preflight_verdict(job, e.job_id).get("bad_nodes", []), *unseen]
+            bad = [n for n in dict.fromkeys(found) if n not in excluded]
             if not bad or k == retries:
                 raise
             excluded += bad

@@ -84,6 +84,27 @@ def _requeue_on_request(job: Any, job_id: str, current: int, asked: set[int]) ->
     return r.returncode == 0
 
 
+LAUNCH_FAILED = re.compile(r"^srun: error: task (\d+) launch failed: (.+)$", re.M)
+
+
+def _launch_failures(job: Any) -> dict[int, str]:
+    """Tasks srun could not start (`srun: error: task N launch failed: ...` in the batch script's
+    log, rank 0's stderr): they will never write a result, so waiting for one is pointless."""
+    sub = job.task(0) if job.num_tasks > 1 else job
+    try:
+        with open(sub.paths.stderr, "rb") as f:
+            text = f.read(65536).decode(errors="replace")  # launches fail first: the head of the log
+    except OSError:
+        return {}
+    return {int(m.group(1)): m.group(2).strip() for m in LAUNCH_FAILED.finditer(text)}
+
+
+def _has_log(job: Any, i: int) -> bool:
+    """Whether task i left its stdout or stderr file (Slurm writes them on the task's node)."""
+    sub = job.task(i) if job.num_tasks > 1 else job
+    return sub.paths.stdout.exists() or sub.paths.stderr.exists()
+
+
 def _log_tail(job: Any, i: int, n: int = 30) -> str:
     sub = job.task(i) if job.num_tasks > 1 else job
     out = []
@@ -122,6 +143,7 @@ def wait_job(
     current = 0  # Slurm's restart count: the attempt whose results count
     requeues: list[float] = []
     asked: set[int] = set()  # attempts whose request to be requeued we carried out
+    not_started: dict[int, str] = {}  # rank -> why srun could not launch it (read from the batch log)
     while True:
         if launcher == "slurm":
             _requeue_on_request(job, job_id, current, asked)
@@ -135,6 +157,7 @@ def wait_job(
                 requeues.append(time.time())
                 outcomes = [None] * n
                 first_error_at, cancelled_for_failure, ended_at, nodes = None, False, None, []
+                not_started = {}
                 print(f"[glmsnake] job {job_id} was requeued (attempt {current}); waiting for it to run again",
                       file=sys.stderr, flush=True)
         for i in range(n):
@@ -148,7 +171,9 @@ def wait_job(
                 continue  # requeued while we read: those were the ending attempt's results
             break
         now = time.time()
-        if first_error_at is None and any(o is not None and o[0] == "error" for o in outcomes):
+        if launcher == "slurm" and first_error_at is None:
+            not_started.update(_launch_failures(job))
+        if first_error_at is None and (not_started or any(o is not None and o[0] == "error" for o in outcomes)):
             first_error_at = now
         if first_error_at is not None and not cancelled_for_failure and now - first_error_at > fail_grace_s:
             job.cancel(check=False)
@@ -183,7 +208,7 @@ def wait_job(
     if launcher == "local":
         nodes = [f"local{k}" for k in range(n // tasks_per_node)]
 
-    failures = _failures(job, outcomes, nodes, launcher, tasks_per_node, state)
+    failures = _failures(job, outcomes, nodes, launcher, tasks_per_node, state, not_started)
     if failures:
         raise failure_report(job_id, n, failures, launcher, Path(job.paths.folder))
     outs = [o[1] for o in outcomes]  # type: ignore[index]
@@ -205,7 +230,7 @@ def wait_job(
 
 def _failures(
     job: Any, outcomes: list[tuple[str, Any] | None], nodes: list[str], launcher: str, tasks_per_node: int,
-    state: str | None,
+    state: str | None, not_started: dict[int, str] | None = None,
 ) -> list[dict[str, Any]]:
     """One record (rank, node, error, log tail) per task that failed or left no result."""
     job_id = str(job.job_id)
@@ -216,10 +241,15 @@ def _failures(
             info = slurm.scontrol_job(job_id) if launcher == "slurm" else {}
             why = info.get("JobState", state or "gone")
             reason = info.get("Reason", "")
+            log = _log_tail(job, i)
+            unseen = launcher == "slurm" and node != "?" and not _has_log(job, i)
+            start = f"could not start on {node} ({(not_started or {})[i]}); " if i in (not_started or {}) else ""
             failures.append({
-                "rank": i, "node": node,
-                "error": f"no result (job state {why}{', reason ' + reason if reason and reason != 'None' else ''})",
-                "log": _log_tail(job, i),
+                "rank": i, "node": node, "unseen_folder": unseen,
+                "error": (f"no result and no log from {node}: {start}it may not see the job folder "
+                          f"{job.paths.folder} (base_dir must be on storage every node mounts)") if unseen else
+                         f"no result ({start}job state {why}{', reason ' + reason if reason and reason != 'None' else ''})",
+                "log": log,
             })
         elif o[0] == "error":
             text = str(o[1]).strip()
@@ -233,12 +263,14 @@ def failure_report(job_id: str, n: int, failures: list[dict[str, Any]], launcher
     """The error for a job whose tasks failed: Slurm's reason if Slurm ended it, the first real failure,
     a full file system under the job's folder (where results are written), details."""
     # Report real failures first: ranks that merely got cancelled afterwards are noise.
-    failures.sort(key=lambda f: (f["error"].startswith("no result"), f["rank"]))
+    failures.sort(key=lambda f: (not f.get("unseen_folder"), f["error"].startswith("no result"), f["rank"]))
     head = failures[0]
     m = re.search(r"^.*rank \d+ on node .*$", head["error"], re.M)
     first_line = m.group(0).replace("RuntimeError: ", "", 1) if m else (head["error"].splitlines() or [""])[-1]
     if head["error"].startswith("no result"):
         first_line = f"rank {head['rank']} on node {head['node']}: {head['error']}"
+        if head.get("unseen_folder"):
+            first_line += "; fix: put base_dir on a shared filesystem, or leave the node out (`slurm.exclude_bad_nodes`)"
     detail = "\n\n".join(
         f"[rank {f['rank']} on node {f['node']}]\n{f['error']}\n{f['log']}".rstrip() for f in failures[:4]
     )

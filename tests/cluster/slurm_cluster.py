@@ -15,6 +15,7 @@ to loopback only (`CommunicationParameters=NoInAddrAny`; slurmctld on 127.0.0.1,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -270,6 +271,18 @@ PartitionName={PARTITION} Nodes=node[1-{n}] Default=YES MaxTime=INFINITE State=U
                 p.wait(timeout=5)
         self._procs.clear()
         self.pids_file.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def masked_on(self, name: str, path: Path):
+        """`path` hidden on node `name` only (an empty tmpfs over it, in that slurmd's mount namespace),
+        as on a node that does not mount the shared filesystem."""
+        pid = str(self._pids()[f"slurmd-{name}"])
+        subprocess.run(["nsenter", "-t", pid, "-m", "mount", "-t", "tmpfs", "-o", "size=1m", "masked", str(path)],
+                       check=True)
+        try:
+            yield
+        finally:
+            subprocess.run(["nsenter", "-t", pid, "-m", "umount", "-l", str(path)], check=False)
 
     def leftovers(self) -> list[int]:
         """Processes still alive in the sessions `up` created, other than the daemons themselves

@@ -75,9 +75,10 @@ def test_retries_are_bounded(slurm_cluster, tmp_path, monkeypatch):
     assert len(list((tmp_path / "logs" / "submitit").glob("*/preflight.json"))) == 2  # two jobs, no third
 
 
-@pytest.mark.parametrize("nvlink", [True, False], ids=["nvlink", "pcie"])
-def test_nvls_follows_the_nodes_topology(slurm_cluster, tmp_path, monkeypatch, nvlink):
-    """NCCL_NVLS_ENABLE in the driver's environment is 1 only where every node shows NVLink."""
+def test_nvls_follows_the_nodes_topology(slurm_cluster, tmp_path, monkeypatch):
+    """NCCL_NVLS_ENABLE in the driver's environment is 1 where every node shows NVLink (0 without
+    NVLink: tests/test_preflight.py; without nvidia-smi: the slime contract on 8 nodes)."""
+    nvlink = True
     _gpus(tmp_path, monkeypatch, {"default": {"nvlink": nvlink}})
     cluster = Cluster(launcher="slurm", slurm=SlurmSettings(partition="debug"))
     template = Driver(argv=["python3", "-c", "import os; print('NVLS=' + os.environ['NCCL_NVLS_ENABLE'])"],
@@ -107,3 +108,22 @@ def test_glmsnake_preflight_checks_a_fresh_allocation(slurm_cluster, tmp_path, m
     bad = subprocess.run(cmd, capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
     assert "preflight failed on node2" in bad.stderr and "fix: " in bad.stderr
+
+
+def test_a_node_that_does_not_see_the_shared_folder_is_named_and_left_out(slurm_cluster, tmp_path):
+    """node2 does not mount the job folder's filesystem (an empty tmpfs over it in node2's mount
+    namespace): its tasks cannot even start, and the error says which node and why; with
+    exclusion, the job runs again without node2."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with slurm_cluster.masked_on("node2", logs):
+        cluster = Cluster(launcher="slurm", slurm=SlurmSettings(partition="debug"))
+        with pytest.raises(TaskFailed) as e:
+            run_job(cluster, _job(tmp_path, 3, "unseen"), task_env)
+        msg = str(e.value)
+        assert "rank 1 on node node2: no result and no log from node2: could not start on node2" in msg, msg[:2000]
+        assert "it may not see the job folder" in msg
+        assert "base_dir must be on storage every node mounts" in msg
+        excluding = Cluster(launcher="slurm", slurm=SlurmSettings(partition="debug", exclude_bad_nodes=True))
+        rec = run_job(excluding, _job(tmp_path, 3, "unseen_excluded"), task_env)
+    assert rec.excluded == ["node2"] and "node2" not in rec.nodes and len(rec.results) == 3
