@@ -7,12 +7,13 @@ line per node; a failed check is an error naming the node, the check and the fix
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from pathlib import Path
 
 from glmsnake.config import Workflow
 from glmsnake.errors import GlmsnakeError
 from glmsnake.launch import JobSpec, run_job
+from glmsnake.launch.job_folder import JobFolder
 from glmsnake.launch.preflight import REPORTS
 from glmsnake.launch.task import task_env
 from glmsnake.steps.common import allocation, cluster
@@ -31,8 +32,10 @@ def check_cluster(wf: Workflow, run: str | None = None, nodes: int | None = None
             raise GlmsnakeError(f"--nodes must be at least 1 (got {nodes})", "pass --nodes 1 or more")
         alloc = type(alloc)(**{**alloc.__dict__, "nodes": nodes})
     job = JobSpec(name="preflight", allocation=alloc, log_dir=wf.paths.job_logs("preflight"))
-    rec = run_job(cluster(wf), job, task_env)
-    reports = Path(rec.folder) / REPORTS
+    c = cluster(wf)  # the checks always run here, and a bad node is reported, not swapped out
+    c = dataclasses.replace(c, slurm=dataclasses.replace(c.slurm, preflight=True, exclude_bad_nodes=False))
+    rec = run_job(c, job, task_env)
+    reports = JobFolder(rec.folder).attempt(rec.attempts - 1).path / REPORTS
     print(f"preflight: {len(rec.nodes)} node(s) x {alloc.gpus_per_node} GPU(s) passed in "
           f"{rec.preflight.get('wall_s', 0):.1f} s (job {rec.job_id}); NCCL_NVLS_ENABLE={rec.preflight.get('nvls', 0)}")
     for node in rec.nodes:

@@ -28,7 +28,7 @@ def test_storage_problems_name_the_node():
                room_bytes=5 * 10**12)
     assert v["bad_nodes"] == ["n2", "n3", "n4"]
     checks = {(f["node"], f["check"]) for f in v["failures"]}
-    assert checks == {("n2", "storage"), ("n3", "storage"), ("n4", "storage")}
+    assert checks == {("n2", "storage"), ("n3", "storage"), ("n4", "space")}
     text = str(explain(v))
     assert "n2 reads another file at /shared/job/preflight/token than the head wrote" in text
     assert "n3 sent no preflight report" in text and "n4 sees 1.0 GB free under /shared/job" in text
@@ -50,3 +50,83 @@ def test_gpus_slurm_gave_the_task(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     monkeypatch.setenv("SLURM_GPUS_ON_NODE", "8")
     assert visible_gpus() == 8
+
+
+GPU_SHIMS = Path(__file__).resolve().parent / "cluster" / "gpu_shims"
+
+
+def _smi(tmp_path, monkeypatch, mine: dict) -> dict:
+    """This node's report with the test-only nvidia-smi answering from `mine`."""
+    import json
+    import os
+
+    from glmsnake.launch import preflight
+
+    cfg = tmp_path / "gpus.json"
+    cfg.write_text(json.dumps({"default": mine}))
+    monkeypatch.setenv("PATH", f"{GPU_SHIMS}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("GLMSNAKE_FAKE_GPUS", str(cfg))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    monkeypatch.setattr(preflight, "SMI_TIMEOUT_S", 2.0)
+    return preflight.node_report(PreflightSpec(gpus_per_node=8, nodes=1), tmp_path, "t0k")
+
+
+def test_what_nvidia_smi_says_and_when_it_fails(tmp_path, monkeypatch):
+    rep = _smi(tmp_path, monkeypatch, {"warning": True, "ecc": {"2": "[GPU requires reset]", "5": "[N/A]"},
+                                       "busy": {"7": [99]}, "nvlink": True})
+    assert rep["smi_gpus"] == 8 and rep["driver"] == "550.54.15" and rep["cuda"] == "12.4"  # the warning skipped
+    assert rep["ecc_gpus"] == ["2 ([GPU requires reset])"] and rep["busy_gpus"] == {"7": ["99"]}
+    assert rep["nvlink_refs"] == 56 and rep["token"] == "t0k" and "smi_error" not in rep
+    # A GPU node whose nvidia-smi fails, or hangs, fails preflight; it does not pass as a CPU node.
+    for fault, said in (({"fail": "No devices were found"}, "exited with 6: No devices were found"),
+                        ({"hang": 30}, "did not answer within 2 s")):
+        rep = _smi(tmp_path, monkeypatch, fault)
+        assert said in rep["smi_error"] and rep["seconds"] < 10
+        v = judge(PreflightSpec(gpus_per_node=8, nodes=1), {"n1": rep}, tmp_path, "t0k")
+        assert v["bad_nodes"] == ["n1"] and "nvidia-smi fails on n1: " in str(explain(v))
+
+
+def test_a_tie_at_the_top_names_every_side_and_a_shared_problem_excludes_nobody():
+    three = _judge({"a": GOOD, "b": GOOD, "c": {**GOOD, "driver": "535"}, "d": {**GOOD, "driver": "535"},
+                    "e": {**GOOD, "driver": "520"}})
+    assert three["bad_nodes"] == ["a", "b", "c", "d", "e"]  # 2/2/1: no majority
+    # Full shared disk: every node fails, none is worth leaving out; a lone bad node is.
+    full = _judge({"n1": {**GOOD, "free_bytes": 1}, "n2": {**GOOD, "free_bytes": 1}}, room_bytes=10)
+    assert full["bad_nodes"] == ["n1", "n2"] and full["excludable"] == []
+    busy = _judge({"n1": GOOD, "n2": GOOD, "n3": {**GOOD, "busy_gpus": {"0": ["1"]}}})
+    assert busy["excludable"] == ["n3"]
+    everywhere = _judge({"n1": {**GOOD, "busy_gpus": {"0": ["1"]}}, "n2": {**GOOD, "busy_gpus": {"0": ["1"]}}})
+    assert everywhere["excludable"] == []  # leaving out the whole allocation helps nothing
+
+
+def test_every_rank_gets_the_verdict_and_a_silent_node_is_named(tmp_path, monkeypatch):
+    """preflight.run as three nodes' tasks call it (threads here); n2 never reports."""
+    import threading
+
+    import pytest
+
+    from glmsnake.launch import preflight
+
+    monkeypatch.setenv("GLMSNAKE_NODE_ADDRS", "n0=10.0.0.1,n1=10.0.0.2,n2=10.0.0.3")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(preflight.shutil, "which", lambda name: None)  # no nvidia-smi here
+    spec = PreflightSpec(gpus_per_node=0, nodes=3, deadline_s=2.0)
+    out: dict = {}
+
+    def task(rank: int) -> None:
+        try:
+            out[rank] = preflight.run(spec, tmp_path, rank, 0, f"n{rank}", 3)
+        except preflight.PreflightFailed as e:
+            out[rank] = e
+
+    threads = [threading.Thread(target=task, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert isinstance(out[0], preflight.PreflightFailed) and isinstance(out[1], preflight.PreflightFailed)
+    assert out[0].bad_nodes == ["n2"] and "n2 sent no preflight report within 2 s" in str(out[0])
+    verdict = __import__("json").loads((tmp_path / preflight.VERDICT).read_text())
+    assert sorted(verdict["seconds"]) == ["n0", "n1"] and verdict["excludable"] == ["n2"]
+    with pytest.raises(preflight.PreflightFailed):  # a late task reads the same verdict
+        preflight.run(spec, tmp_path, 2, 0, "n2", 3)

@@ -24,7 +24,7 @@ job with the dataclasses of `spec` and call one of the entry points.
     signals.py        SIGTERM/SIGINT as one exception, cleanups shielded
 """
 
-from glmsnake.launch.executors import make_executor, preflight, submit_tasks
+from glmsnake.launch.executors import check_partition, make_executor, submit_tasks
 from glmsnake.launch.ray_cluster import JobResult, RaySpec, run_ray_job
 from glmsnake.launch.run import run_job, run_tasks
 from glmsnake.launch.slurm import SlurmRejected
@@ -43,7 +43,7 @@ __all__ = [
     "SlurmSettings",
     "TaskFailed",
     "make_executor",
-    "preflight",
+    "check_partition",
     "run_job",
     "run_ray_job",
     "run_tasks",

@@ -130,7 +130,7 @@ def make_executor(cluster: Cluster, job: JobSpec, folder: Path, max_requeues: in
     return ex
 
 
-def preflight(cluster: Cluster, job: JobSpec) -> None:
+def check_partition(cluster: Cluster, job: JobSpec) -> None:
     """Errors a user can fix, found before anything is allocated."""
     if cluster.launcher != "slurm":
         return
@@ -175,7 +175,7 @@ def submit_tasks(cluster: Cluster, job: JobSpec, fn: Callable[[], Any], *, max_r
     """
     if job.tasks_per_node < 1:
         raise GlmsnakeError(f"{job.name}: tasks_per_node must be >= 1 (got {job.tasks_per_node})")
-    preflight(cluster, job)
+    check_partition(cluster, job)
     folder = Path(job.log_dir).absolute() / "submitit" / "%j"
     checkpointable = max_requeues > 0 and cluster.launcher == "slurm"
     ex = make_executor(cluster, job, folder, max_requeues if checkpointable else 0)
@@ -190,5 +190,5 @@ def submit_tasks(cluster: Cluster, job: JobSpec, fn: Callable[[], Any], *, max_r
     return submit(ex, task)
 
 
-__all__ = ["container_python", "make_executor", "preflight", "require_mounted", "signal_delay_s", "submit",
+__all__ = ["check_partition", "container_python", "make_executor", "require_mounted", "signal_delay_s", "submit",
            "submit_tasks"]

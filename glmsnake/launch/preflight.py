@@ -13,12 +13,14 @@ launcher submits once more without them (launch/run.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -53,16 +55,46 @@ class PreflightSpec:
 # --------------------------------------------------------------------------- one node
 
 
+SMI_TIMEOUT_S = 20.0  # a GPU that hangs nvidia-smi (stuck in the kernel) is a bad GPU, not a reason to wait
+
+
+class SmiFailed(Exception):
+    """nvidia-smi exists but failed or hung: on a GPU node, a finding in itself."""
+
+
 def _nvidia_smi(*args: str) -> str | None:
-    """nvidia-smi's output, or None where it does not exist or fails."""
+    """nvidia-smi's output; None where it does not exist; SmiFailed where it fails or does not answer.
+
+    Run in a thread with a deadline: a process stuck in the kernel ignores SIGKILL, and waiting for
+    it (as subprocess.run does after a timeout) would hang the task."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return None
-    try:
-        r = subprocess.run([exe, *args], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return r.stdout if r.returncode == 0 else None
+    box: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            p = subprocess.Popen([exe, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            box["p"] = p
+            box["out"] = p.communicate()
+            box["rc"] = p.returncode
+        except OSError as e:
+            box["error"] = str(e)
+
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    t.join(SMI_TIMEOUT_S)
+    if t.is_alive():
+        if "p" in box:
+            with contextlib.suppress(OSError):
+                box["p"].kill()
+        raise SmiFailed(f"`nvidia-smi {' '.join(args)}` did not answer within {SMI_TIMEOUT_S:.0f} s")
+    if "error" in box:
+        raise SmiFailed(f"nvidia-smi could not run: {box['error']}")
+    out, err = box["out"]
+    if box["rc"] != 0:
+        raise SmiFailed(f"`nvidia-smi {' '.join(args)}` exited with {box['rc']}: {(err or out).strip()[:300]}")
+    return out
 
 
 def _package_version(name: str) -> str | None:
@@ -95,28 +127,50 @@ def node_report(spec: PreflightSpec, folder: Path, token: str | None) -> dict[st
     rep["token"] = token  # rank 0 compares it with what it wrote: the same shared folder?
     free = shutil.disk_usage(folder).free
     rep["free_bytes"] = free
-    gpus = _nvidia_smi("--query-gpu=index,uuid,driver_version,ecc.errors.uncorrected.volatile.total",
-                       "--format=csv,noheader,nounits")
-    if gpus is not None:
-        rows = [[c.strip() for c in line.split(",")] for line in gpus.splitlines() if line.strip()]
-        rep["smi_gpus"] = len(rows)
-        rep["driver"] = rows[0][2] if rows else None
-        rep["ecc_gpus"] = [r[0] for r in rows if len(r) > 3 and r[3].isdigit() and int(r[3]) > 0]
-        uuid_to_index = {r[1]: r[0] for r in rows if len(r) > 1}
-        apps = _nvidia_smi("--query-compute-apps=gpu_uuid,pid", "--format=csv,noheader") or ""
-        busy = {}
-        for line in apps.splitlines():
-            parts = [c.strip() for c in line.split(",")]
-            if len(parts) == 2 and parts[0]:
-                busy.setdefault(uuid_to_index.get(parts[0], parts[0]), []).append(parts[1])
-        rep["busy_gpus"] = busy
-        header = _nvidia_smi() or ""
-        m = re.search(r"CUDA Version:\s*([\d.]+)", header)
-        rep["cuda"] = m.group(1) if m else None
-        topo = _nvidia_smi("topo", "-m") or ""
-        rep["nvlink_refs"] = len(re.findall(r"\bNV\d+\b", topo))  # as slime's run scripts count them
+    try:
+        _gpu_facts(rep, spec)
+    except SmiFailed as e:
+        rep["smi_error"] = str(e)
     rep["seconds"] = round(time.monotonic() - t0, 3)
     return rep
+
+
+def _gpu_facts(rep: dict[str, Any], spec: PreflightSpec) -> None:
+    """What nvidia-smi says, where it exists (raises SmiFailed where it fails)."""
+    gpus = _nvidia_smi("--query-gpu=index,uuid,driver_version,ecc.errors.uncorrected.volatile.total",
+                       "--format=csv,noheader,nounits")
+    if gpus is None:
+        return
+    # Only rows of four fields with a numeric index: nvidia-smi may print warnings on stdout.
+    rows = [r for r in ([c.strip() for c in line.split(",")] for line in gpus.splitlines())
+            if len(r) == 4 and r[0].isdigit()]
+    rep["smi_gpus"] = len(rows)
+    rep["driver"] = rows[0][2] if rows else None
+    # ECC: a count, "[N/A]"/"[Not Supported]" (no ECC), or an error in brackets ("[GPU requires reset]").
+    rep["ecc_gpus"] = [f"{r[0]} ({r[3]})" if not r[3].isdigit() else r[0] for r in rows
+                       if (r[3].isdigit() and int(r[3]) > 0)
+                       or (not r[3].isdigit() and r[3] not in ("[N/A]", "N/A", "[Not Supported]"))]
+    ours = _job_gpu_indices({r[0] for r in rows})
+    uuid_to_index = {r[1]: r[0] for r in rows}
+    busy: dict[str, list[str]] = {}
+    if spec.gpus_per_node:
+        apps = _nvidia_smi("--query-compute-apps=gpu_uuid,pid", "--format=csv,noheader") or ""
+        for line in apps.splitlines():
+            parts = [c.strip() for c in line.split(",")]
+            if len(parts) == 2 and parts[0] in uuid_to_index and uuid_to_index[parts[0]] in ours:
+                busy.setdefault(uuid_to_index[parts[0]], []).append(parts[1])
+    rep["busy_gpus"] = busy
+    m = re.search(r"CUDA Version:\s*([\d.]+)", _nvidia_smi() or "")
+    rep["cuda"] = m.group(1) if m else None
+    topo = _nvidia_smi("topo", "-m") or ""
+    rep["nvlink_refs"] = len(re.findall(r"\bNV\d+\b", topo))  # as slime's run scripts count them
+
+
+def _job_gpu_indices(all_indices: set[str]) -> set[str]:
+    """The GPUs given to this job: CUDA_VISIBLE_DEVICES's indices where nvidia-smi sees more than
+    those (no device cgroup), else every GPU nvidia-smi sees."""
+    cvd = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip().isdigit()]
+    return set(cvd) & all_indices if cvd and len(all_indices) > len(cvd) else all_indices
 
 
 # --------------------------------------------------------------------------- all nodes, on rank 0
@@ -143,6 +197,9 @@ def judge(spec: PreflightSpec, reports: dict[str, dict[str, Any] | None], folder
             fail(node, "storage", f"{node} reads another file at {folder / REPORTS / 'token'} than the head "
                  "wrote: base_dir is not the same shared filesystem there", "put base_dir on storage every node mounts")
         want = spec.gpus_per_node
+        if want and rep.get("smi_error"):
+            fail(node, "gpus", f"nvidia-smi fails on {node}: {rep['smi_error']}",
+                 "a GPU may be lost or hung: ask the admins to check the node, or leave it out")
         seen = rep.get("smi_gpus") if rep.get("smi_gpus") is not None else rep.get("visible_gpus")
         if want and rep.get("visible_gpus") is not None and rep["visible_gpus"] < want:
             fail(node, "gpus", f"{node} gives the task {rep['visible_gpus']} GPU(s) (CUDA_VISIBLE_DEVICES), the "
@@ -157,7 +214,7 @@ def judge(spec: PreflightSpec, reports: dict[str, dict[str, Any] | None], folder
             fail(node, "gpus", f"GPU(s) {', '.join(rep['ecc_gpus'])} on {node} report uncorrected ECC errors",
                  "leave the node out and report it to the admins")
         if spec.room_bytes and rep.get("free_bytes", 0) < spec.room_bytes:
-            fail(node, "storage", f"{node} sees {rep['free_bytes'] / 1e9:.1f} GB free under {folder}, the step will "
+            fail(node, "space", f"{node} sees {rep['free_bytes'] / 1e9:.1f} GB free under {folder}, the step will "
                  f"write about {spec.room_bytes / 1e9:.1f} GB", "free space under base_dir, or move base_dir")
     good = {n: r for n, r in reports.items() if r is not None}
     for key, what in CONSISTENT:
@@ -169,15 +226,21 @@ def judge(spec: PreflightSpec, reports: dict[str, dict[str, Any] | None], folder
             # The majority is right; the rest are named (a tie names every side).
             ranked = sorted(values.items(), key=lambda kv: -len(kv[1]))
             top = len(ranked[0][1])
-            odd = [(v, ns) for v, ns in ranked if len(ns) < top] or ranked
+            tied_at_top = sum(len(ns) == top for _v, ns in ranked) > 1
+            odd = ranked if tied_at_top else [(v, ns) for v, ns in ranked if len(ns) < top]
             for v, ns in odd:
                 fail(",".join(ns), "software", f"{what} {v} on {', '.join(ns)} differs from the other nodes' "
                      f"({'; '.join(f'{w} on {len(m)} node(s)' for w, m in ranked if w != v)})",
                      f"align the {what} across the nodes, or leave {', '.join(ns)} out")
     bad = sorted({n for f in failures for n in f["node"].split(",")})
+    # Nodes that leaving out would help: not for a full shared disk, never a placeholder name, and
+    # never the whole allocation (the problem is then not a node's).
+    excludable = sorted({n for f in failures if f["check"] != "space" for n in f["node"].split(",") if " " not in n})
+    if len(excludable) >= len(reports):
+        excludable = []
     nvlink = [r.get("nvlink_refs") for r in good.values()]
     nvls = 1 if nvlink and all(isinstance(x, int) and x > 0 for x in nvlink) else 0
-    return {"ok": not failures, "failures": failures, "bad_nodes": bad, "nvls": nvls,
+    return {"ok": not failures, "failures": failures, "bad_nodes": bad, "excludable": excludable, "nvls": nvls,
             "seconds": {n: r["seconds"] for n, r in good.items()}}
 
 
@@ -219,8 +282,9 @@ def run(spec: PreflightSpec, folder: Path, rank: int, local_rank: int, node: str
             time.sleep(0.1)
         for name, p in found.items():
             reports[name] = json.loads(p.read_text())
-        for missing in _missing_nodes(set(found), nodes_total):
-            reports[missing] = None
+        if len(found) < nodes_total:
+            for missing in _missing_nodes(set(found), nodes_total):
+                reports[missing] = None
         verdict = judge(spec, reports, folder, token)
         verdict["wall_s"] = round(time.monotonic() - t0, 3)
         _write_json(verdict_path, verdict)

@@ -52,6 +52,7 @@ class JobResult:
     attempts: int = 1  # 1 + how often Slurm requeued the job (it resumed each time)
     preflight: dict[str, Any] = field(default_factory=dict)  # the allocation's preflight verdict
     excluded: list[str] = field(default_factory=list)  # nodes preflight left out (then resubmitted)
+    retried: list[dict[str, Any]] = field(default_factory=list)  # each resubmission: job id, bad nodes
 
 
 # --------------------------------------------------------------------------- in every task
@@ -157,6 +158,7 @@ def run_ray_job(
         attempts=rec.attempts,
         preflight=rec.preflight,
         excluded=rec.excluded,
+        retried=rec.retried,
     )
 
 

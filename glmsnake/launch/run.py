@@ -23,7 +23,9 @@ from typing import Any, Callable, TypeVar
 from glmsnake import knobs
 from glmsnake.launch import signals
 from glmsnake.launch.executors import submit_tasks
+from glmsnake.launch.job_folder import JobFolder
 from glmsnake.launch.preflight import VERDICT
+from glmsnake.launch.slurm import SlurmRejected
 from glmsnake.launch.spec import Cluster, JobSpec
 from glmsnake.launch.waiting import JobRecord, TaskFailed, released, wait_job
 
@@ -49,13 +51,20 @@ def run_job(
     retries = s.preflight_retries if (s.exclude_bad_nodes and cluster.launcher == "slurm") else 0
     excluded: list[str] = []
     retried: list[dict[str, Any]] = []
+    last_failure: TaskFailed | None = None
     for k in range(retries + 1):
         attempt_cluster = dataclasses.replace(cluster, slurm=dataclasses.replace(s, exclude=(*s.exclude, *excluded)))
         try:
             rec = _run_once(attempt_cluster, job, fn, on_running, log, max_requeues)
+        except SlurmRejected:
+            if last_failure is None:
+                raise
+            # Too few nodes left, say: the preflight failure is what the user must see.
+            raise last_failure from None
         except TaskFailed as e:
+            last_failure = e
             unseen = [f["node"] for f in e.failures if f.get("unseen_folder")]
-            found = [*_preflight_verdict(job, e.job_id).get("bad_nodes", []), *unseen]
+            found = [*_preflight_verdict(job, e.job_id).get("excludable", []), *unseen]
             bad = [n for n in dict.fromkeys(found) if n not in excluded]
             if not bad or k == retries:
                 raise
@@ -64,18 +73,23 @@ def run_job(
             log(f"[glmsnake] {job.name}: preflight failed on {', '.join(bad)} (job {e.job_id}); submitting again "
                 f"without {', '.join(excluded)} (retry {k + 1} of {retries})")
             continue
-        rec.preflight = _preflight_verdict(job, rec.job_id)
+        rec.preflight = _preflight_verdict(job, rec.job_id, rec.attempts - 1)
         rec.excluded, rec.retried = excluded, retried
         return rec
     raise AssertionError("unreachable")
 
 
-def _preflight_verdict(job: JobSpec, job_id: str | None) -> dict[str, Any]:
-    """The preflight verdict rank 0 wrote into the job's folder ({} if none)."""
+def _preflight_verdict(job: JobSpec, job_id: str | None, attempt: int | None = None) -> dict[str, Any]:
+    """The preflight verdict rank 0 wrote into the job's folder ({} if none): of Slurm attempt
+    `attempt`, or of the latest attempt that wrote one."""
     if not job_id:
         return {}
+    root = JobFolder(Path(job.log_dir).absolute() / "submitit" / str(job_id))
+    if attempt is None:
+        found = [k for k in range(100) if (root.attempt(k).path / VERDICT).is_file()]  # requeues are few
+        attempt = found[-1] if found else 0
     try:
-        return json.loads((Path(job.log_dir).absolute() / "submitit" / str(job_id) / VERDICT).read_text())
+        return json.loads((root.attempt(attempt).path / VERDICT).read_text())
     except (OSError, ValueError):
         return {}
 

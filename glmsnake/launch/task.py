@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -135,6 +136,9 @@ class Task:
         info = TaskInfo(rank=rank, node_rank=node_rank, local_rank=local_rank, node=node, address=address, attempt=k)
         try:
             check_image(self.needs)
+            if self.preflight_spec is not None:  # before the port is picked: it may take a while
+                verdict = preflight.run(self.preflight_spec, folder.path, rank, local_rank, node, env.num_nodes)
+                os.environ[knobs.NVLS_ENABLE.name] = str(verdict["nvls"])
             if rank == 0:
                 port = addresses.free_port(address)
                 folder.write_rendezvous(address, port, node, env.job_id)
@@ -155,9 +159,6 @@ class Task:
                 knobs.JOB_ID.name: str(env.job_id),
                 knobs.JOB_DIR.name: str(folder.path),
             })
-            if self.preflight_spec is not None:
-                verdict = preflight.run(self.preflight_spec, folder.path, rank, local_rank, node, env.num_nodes)
-                os.environ[knobs.NVLS_ENABLE.name] = str(verdict["nvls"])
             return TaskOutput(info=info, result=self.fn())
         except BaseException as e:  # noqa: BLE001 - re-raised with where it happened
             # A problem the user can fix (GlmsnakeError: problem and fix) needs no traceback.
@@ -170,6 +171,21 @@ class Task:
 def requeue_request(folder: str | os.PathLike, k: int) -> Path:
     """The file by which attempt `k` asks the submitting side to requeue the job."""
     return Path(folder) / f"glmsnake.requeue.{k}.json"
+
+
+def _requeue_or_ask(original: Callable[[Any, int], None]) -> Callable[[Any, int], None]:
+    """submitit's `_requeue` (scontrol requeue), else a request to the submitting side."""
+
+    def requeue(env: Any, countdown: int) -> None:
+        if shutil.which("scontrol") is not None:
+            try:
+                return original(env, countdown)
+            except (OSError, subprocess.SubprocessError) as e:
+                print(f"[glmsnake] scontrol requeue failed here ({e})", file=sys.stderr, flush=True)
+        _ask_submitter_to_requeue(env, countdown)
+
+    requeue.glmsnake = True  # type: ignore[attr-defined]
+    return requeue
 
 
 def _ask_submitter_to_requeue(env: Any, countdown: int) -> None:
@@ -192,11 +208,12 @@ class CheckpointableTask(Task):
     """
 
     def __call__(self) -> TaskOutput[Any]:
-        if shutil.which("scontrol") is None:
-            # In a container without Slurm's tools: the submitting side requeues (waiting.py).
-            from submitit.slurm import slurm as submitit_slurm
+        # Where scontrol is missing or fails (a container), the submitting side requeues (waiting.py).
+        from submitit.slurm import slurm as submitit_slurm
 
-            submitit_slurm.SlurmJobEnvironment._requeue = _ask_submitter_to_requeue
+        env_cls = submitit_slurm.SlurmJobEnvironment
+        if not getattr(env_cls._requeue, "glmsnake", False):
+            env_cls._requeue = _requeue_or_ask(env_cls._requeue)
         return super().__call__()
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:

@@ -11,6 +11,7 @@ rank, node and cause first, and Slurm's own reason when Slurm ended the job.
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -76,24 +77,45 @@ def _requeue_on_request(job: Any, job_id: str, current: int, asked: set[int]) ->
     scontrol; task.requeue_request); True if it was requeued just now."""
     if current in asked or not requeue_request(job.paths.folder, current).exists():
         return False
+    try:
+        r = slurm.run(["scontrol", "requeue", job_id])
+    except subprocess.TimeoutExpired:
+        print(f"[glmsnake] job {job_id}: `scontrol requeue` timed out; trying again", file=sys.stderr, flush=True)
+        return False
     asked.add(current)
-    r = slurm.run(["scontrol", "requeue", job_id])
     how = "requeued it" if r.returncode == 0 else f"`scontrol requeue` failed: {(r.stderr or r.stdout).strip()}"
     print(f"[glmsnake] job {job_id} (attempt {current}) asked to be requeued from here; {how}",
           file=sys.stderr, flush=True)
-    return r.returncode == 0
+    if r.returncode != 0:
+        return False
+    deadline = time.time() + 30  # until Slurm counts the restart: the ending attempt's results are not the job's
+    while time.time() < deadline and (slurm.job_restarts(job_id) or 0) <= current:
+        time.sleep(0.2)
+    return True
 
 
 LAUNCH_FAILED = re.compile(r"^srun: error: task (\d+) launch failed: (.+)$", re.M)
 
 
-def _launch_failures(job: Any) -> dict[int, str]:
-    """Tasks srun could not start (`srun: error: task N launch failed: ...` in the batch script's
-    log, rank 0's stderr): they will never write a result, so waiting for one is pointless."""
-    sub = job.task(0) if job.num_tasks > 1 else job
+def _batch_stderr(job: Any) -> Path:
+    return (job.task(0) if job.num_tasks > 1 else job).paths.stderr
+
+
+def _batch_log_size(job: Any) -> int:
     try:
-        with open(sub.paths.stderr, "rb") as f:
-            text = f.read(65536).decode(errors="replace")  # launches fail first: the head of the log
+        return _batch_stderr(job).stat().st_size
+    except OSError:
+        return 0
+
+
+def _launch_failures(job: Any, start: int = 0) -> dict[int, str]:
+    """Tasks srun could not start (`srun: error: task N launch failed: ...` in the batch script's
+    log, rank 0's stderr, from offset `start`): they will never write a result, so waiting for one
+    is pointless."""
+    try:
+        with open(_batch_stderr(job), "rb") as f:
+            f.seek(start)
+            text = f.read(65536).decode(errors="replace")  # launches fail first: the head of the attempt's log
     except OSError:
         return {}
     return {int(m.group(1)): m.group(2).strip() for m in LAUNCH_FAILED.finditer(text)}
@@ -144,6 +166,7 @@ def wait_job(
     requeues: list[float] = []
     asked: set[int] = set()  # attempts whose request to be requeued we carried out
     not_started: dict[int, str] = {}  # rank -> why srun could not launch it (read from the batch log)
+    log_from = 0  # where the current attempt's part of the batch log starts
     while True:
         if launcher == "slurm":
             _requeue_on_request(job, job_id, current, asked)
@@ -158,6 +181,7 @@ def wait_job(
                 outcomes = [None] * n
                 first_error_at, cancelled_for_failure, ended_at, nodes = None, False, None, []
                 not_started = {}
+                log_from = _batch_log_size(job)  # Slurm appends a requeued attempt's output
                 print(f"[glmsnake] job {job_id} was requeued (attempt {current}); waiting for it to run again",
                       file=sys.stderr, flush=True)
         for i in range(n):
@@ -172,7 +196,7 @@ def wait_job(
             break
         now = time.time()
         if launcher == "slurm" and first_error_at is None:
-            not_started.update(_launch_failures(job))
+            not_started.update(_launch_failures(job, log_from))
         if first_error_at is None and (not_started or any(o is not None and o[0] == "error" for o in outcomes)):
             first_error_at = now
         if first_error_at is not None and not cancelled_for_failure and now - first_error_at > fail_grace_s:
@@ -235,6 +259,7 @@ def _failures(
     """One record (rank, node, error, log tail) per task that failed or left no result."""
     job_id = str(job.job_id)
     failures = []
+    logged = [launcher == "slurm" and _has_log(job, i) for i in range(len(outcomes))]
     for i, o in enumerate(outcomes):
         node = nodes[i // tasks_per_node] if i // tasks_per_node < len(nodes) else "?"
         if o is None:
@@ -242,7 +267,10 @@ def _failures(
             why = info.get("JobState", state or "gone")
             reason = info.get("Reason", "")
             log = _log_tail(job, i)
-            unseen = launcher == "slurm" and node != "?" and not _has_log(job, i)
+            # No log from this rank while srun named it, or while another rank left one: its node
+            # did not see the folder. (No log anywhere: srun or the batch script failed instead.)
+            unseen = (launcher == "slurm" and node != "?" and not logged[i]
+                      and (i in (not_started or {}) or any(logged)))
             start = f"could not start on {node} ({(not_started or {})[i]}); " if i in (not_started or {}) else ""
             failures.append({
                 "rank": i, "node": node, "unseen_folder": unseen,

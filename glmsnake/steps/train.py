@@ -151,7 +151,7 @@ def _run_driver(wf: Workflow, run: str, settings_path: Path, checkpoint_size: in
         res = run_ray_job(cluster(wf), spec, factory, max_requeues=r.train.max_requeues, echo_to=sys.stdout.buffer)
         job = {"slurm_job_id": res.slurm_job_id, "ray_job_id": res.job_id, "nodes": res.nodes,
                "preflight_s": res.preflight.get("wall_s"), "nccl_nvls_enable": res.preflight.get("nvls"),
-               "excluded": res.excluded,
+               "excluded": res.excluded, "retried": res.retried,
                "gpus": res.gpus, "timings": res.timings, "status": res.status, "attempts": res.attempts}
         return job, res.exit_code
     if r.train.backend != "local":
