@@ -353,7 +353,6 @@ def main() -> int:
     ids = torch.randint(0, hf["vocab_size"], (BATCH, SEQ), generator=gen).cuda()
     report = {"layout": {"tp": args.tp, "ep": args.ep, "sp": args.sp, "world": torch.distributed.get_world_size()},
               "versions": _versions(), "runs": [], "ok": True}
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     for dname in args.dtypes.split(","):
         try:
             check_dtype(args, dname, hf, hf_dir, ids, rank, out, report)
