@@ -27,7 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from glmsnake import knobs
+from glmsnake import atomic, knobs
 from glmsnake.errors import GlmsnakeError
 
 VERDICT = "preflight.json"
@@ -269,10 +269,10 @@ def run(spec: PreflightSpec, folder: Path, rank: int, local_rank: int, node: str
     if rank == 0:
         reports_dir.mkdir(parents=True, exist_ok=True)
         token = os.urandom(16).hex()
-        _write_text(reports_dir / "token", token)
+        atomic.write_bytes(reports_dir / "token", token.encode())
     if local_rank == 0:
         seen = _wait_text(reports_dir / "token", deadline)
-        _write_json(reports_dir / f"{node}.json", node_report(spec, folder, seen))
+        atomic.write_json(reports_dir / f"{node}.json", node_report(spec, folder, seen))
     if rank == 0:
         reports: dict[str, dict[str, Any] | None] = {}
         while True:
@@ -287,7 +287,7 @@ def run(spec: PreflightSpec, folder: Path, rank: int, local_rank: int, node: str
                 reports[missing] = None
         verdict = judge(spec, reports, folder, token)
         verdict["wall_s"] = round(time.monotonic() - t0, 3)
-        _write_json(verdict_path, verdict)
+        atomic.write_json(verdict_path, verdict)
     else:
         raw = _wait_text(verdict_path, deadline + 10)
         verdict = json.loads(raw) if raw else {"ok": False, "failures": [], "bad_nodes": [],
@@ -320,16 +320,6 @@ def _job_nodes() -> list[str]:
     except (OSError, subprocess.TimeoutExpired):
         return []
     return r.stdout.split()
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _write_text(path, json.dumps(obj, indent=1, sort_keys=True))
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _wait_text(path: Path, deadline: float) -> str | None:

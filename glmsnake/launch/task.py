@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -27,7 +26,7 @@ from typing import Any, Callable, Generic, TypeVar
 import cloudpickle
 import submitit
 
-from glmsnake import knobs
+from glmsnake import atomic, knobs
 from glmsnake.errors import GlmsnakeError
 from glmsnake.launch import addresses, preflight
 from glmsnake.launch.job_folder import JobFolder
@@ -192,9 +191,7 @@ def _ask_submitter_to_requeue(env: Any, countdown: int) -> None:
     """submitit's `_requeue` where the task has no scontrol (a container): leave a request in the
     job folder; the submitting side, which waits on the job with Slurm's tools, requeues it."""
     path = requeue_request(env.paths.folder, attempt())
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"job_id": env.job_id, "attempt": attempt(), "at": time.time(), "countdown": countdown}))
-    os.replace(tmp, path)
+    atomic.write_json(path, {"job_id": env.job_id, "attempt": attempt(), "at": time.time(), "countdown": countdown})
     print(f"[glmsnake] job {env.job_id}: no scontrol here; asked the submitting side to requeue it ({path.name})",
           file=sys.stderr, flush=True)
 
