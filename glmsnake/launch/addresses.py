@@ -49,6 +49,11 @@ def interface_address(interface: str) -> str:
     return socket.inet_ntoa(packed[20:24])
 
 
+def job_node_addresses() -> dict[str, str]:
+    """{node: NodeAddr} of the job's nodes, as the batch script asked Slurm ({} outside such a job)."""
+    return dict(kv.split("=", 1) for kv in knobs.NODE_ADDRS.raw().split(",") if "=" in kv)
+
+
 def slurm_node_address(node: str) -> str:
     """The address Slurm records for a node (NodeAddr), resolved to an IP.
 
@@ -56,7 +61,7 @@ def slurm_node_address(node: str) -> str:
     executors.NODE_ADDRS_SETUP): a task in a container has no scontrol, and 64 tasks asking
     slurmctld at once is load it does not need. Outside a job, Slurm is asked.
     """
-    known = dict(kv.split("=", 1) for kv in knobs.NODE_ADDRS.raw().split(",") if "=" in kv)
+    known = job_node_addresses()
     if node in known:
         return _as_ip(known[node])
     try:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from glmsnake import atomic, knobs
+from glmsnake.launch import addresses
 from glmsnake.errors import GlmsnakeError
 
 VERDICT = "preflight.json"
@@ -309,7 +310,7 @@ def _missing_nodes(found: set[str], total: int) -> list[str]:
 
 def _job_nodes() -> list[str]:
     """The job's node names: from what the batch script asked Slurm (a container has no scontrol)."""
-    known = [kv.split("=", 1)[0] for kv in knobs.NODE_ADDRS.raw().split(",") if "=" in kv]
+    known = list(addresses.job_node_addresses())
     if known:
         return known
     nodelist = os.environ.get("SLURM_JOB_NODELIST", "")

@@ -70,6 +70,12 @@ def attempt() -> int:
         return 0
 
 
+def where_this_runs() -> str:
+    """The image (and its Python) a task runs in, or this node's Python outside a container: for errors."""
+    image = knobs.CONTAINER_IMAGE.raw()
+    return f"{image} (python3 {sys.version.split()[0]})" if image else f"this node's Python ({sys.executable})"
+
+
 def check_image(needs: tuple[str, ...]) -> None:
     """The packages a task needs from its Python (the container image's): a clear error, naming
     the image and each missing package, before the task starts anything."""
@@ -77,9 +83,8 @@ def check_image(needs: tuple[str, ...]) -> None:
     if not missing:
         return
     image = knobs.CONTAINER_IMAGE.raw()
-    where = f"{image} (python3 {sys.version.split()[0]})" if image else f"this node's Python ({sys.executable})"
     raise GlmsnakeError(
-        f"{where} has no {', '.join(missing)}; this task needs it",
+        f"{where_this_runs()} has no {', '.join(missing)}; this task needs it",
         "use an image that has it (slime's own image has ray and torch)" if image else
         f"install {' '.join(missing)} into the Python the tasks run with",
     )
