@@ -9,6 +9,7 @@ from snakemake.utils import min_version, validate
 min_version("9.20")
 
 from glmsnake import base_lock, disk, resolve, staleness
+from glmsnake.errors import refused_without_traceback
 
 
 resolve.check_yaml_file("config/config.yaml")  # Snakemake's own YAML error names no file or line
@@ -25,7 +26,10 @@ PATHS = WF.paths
 
 
 onstart:
-    # Only a run that executes jobs (not a dry run, not a job on a node) holds base_dir.
+    # Only a run that executes jobs (not a dry run, not a job on a node) needs room under
+    # base_dir for what its jobs write (checkpoints included), and holds base_dir.
+    with refused_without_traceback():
+        resolve.check_base_dir_room(WF, workflow.dag.needrun_jobs())
     base_lock.acquire(WF.base)
 
 

@@ -41,6 +41,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from glmsnake import resolve
     from glmsnake.plan import plan, print_plan
 
+    if args.resources or args.explain:
+        from glmsnake.resources.report import print_resources
+
+        wf = _workflow(args)
+        if args.run and args.run not in wf.runs:
+            raise GlmsnakeError(f"no run named {args.run!r}", f"choose one of {sorted(wf.runs)}")
+        return print_resources(wf, args.run, args.explain)
     print_plan(plan(args.targets, resolve.find_config(args.configfile), args.snakemake_args))
     return 0
 
@@ -114,9 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run", help="one run (default: all)")
     r.set_defaults(func=cmd_render)
 
-    pl = sub.add_parser("plan", help="per step: nodes x GPUs, outputs, whether and why it runs")
+    pl = sub.add_parser("plan", help="per step: nodes x GPUs, outputs, what it needs, whether and why it runs")
     pl.add_argument("targets", nargs="*", default=["train"])
     pl.add_argument("--configfile", type=Path, help=config_help)
+    pl.add_argument("--resources", action="store_true",
+                    help="will it fit: GPU memory per pipeline stage, rollout, host memory, disk, conversion time")
+    pl.add_argument("--explain", action="store_true", help="with --resources: every term with its inputs")
+    pl.add_argument("--run", help="with --resources: one run (default: all)")
+    pl.add_argument("--preset", help="with --resources: use this preset instead of the config's")
     pl.add_argument("--snakemake-args", nargs=argparse.REMAINDER, default=[], help="passed on to snakemake")
     pl.set_defaults(func=cmd_plan)
 

@@ -182,6 +182,16 @@ class Train(Strict):
     megatron_dir: str = "/root/Megatron-LM"
 
 
+class Hardware(Strict):
+    """What one node of the cluster has: the budgets `glmsnake plan --resources` checks every run against."""
+
+    gpu: str = Field("H100 80GB", description="the GPU's name, for the plan")
+    gpus_per_node: int = Field(8, ge=1)
+    gpu_memory_gib: float = Field(79.6, gt=0, description="memory of one GPU as nvidia-smi reports it (H100: 81559 MiB)")
+    host_memory_gib: float = Field(2048, gt=0, description="RAM of one node")
+    base_dir_quota_tib: float | None = Field(None, gt=0, description="a quota on base_dir's file system, if any")
+
+
 class Container(Strict):
     """How GPU steps run the slime image on the cluster."""
 
@@ -247,6 +257,7 @@ class Preset(TrainingGroups):
     convert: Convert = Convert()
     export: Export = Export()
     container: Container = Container()
+    hardware: Hardware = Hardware()
 
 
 RUN_KEYS = tuple(TrainingGroups.model_fields)

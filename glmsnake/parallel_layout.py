@@ -37,6 +37,11 @@ def check_run(preset: "Preset", run: "Run") -> list[tuple[str, str]]:
     if gpus < 1:
         out.append((f"train.allocation gives {gpus} GPUs", "set nodes and gpus_per_node to at least 1"))
         return out
+    if alloc.gpus_per_node > preset.hardware.gpus_per_node:
+        out.append((f"train.allocation asks for {alloc.gpus_per_node} GPUs a node, but the hardware has "
+                    f"{preset.hardware.gpus_per_node}",
+                    f"set train.allocation.gpus_per_node <= {preset.hardware.gpus_per_node}, or hardware.gpus_per_node "
+                    "to what your nodes have (overrides: {hardware: ...})"))
 
     for what, n in (("attention heads", m.num_attention_heads), ("query groups", m.num_query_groups)):
         if n % tp:

@@ -96,19 +96,27 @@ def print_plan(result: tuple[config.Workflow, list[PlannedJob]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from glmsnake.resources import planner
+    from glmsnake.resources.report import step_needs
+
     wf, jobs = result
+    resources = planner.plan_resources(wf)
     table = Table(title=f"glmsnake plan (preset {wf.user.preset}, base {wf.base})")
-    for col in ("step", "runs on", "output", "will run because"):
+    for col in ("step", "runs on", "needs (estimate)", "output", "will run because"):
         table.add_column(col, overflow="fold")
     steps = [j for j in jobs if j.outputs]
     for j in steps:
         name = j.rule + (f" [{j.wildcards}]" if j.wildcards else "")
-        table.add_row(name, allocation_of(wf, j.rule, j.wildcards), "\n".join(_short(o, wf.base) for o in j.outputs), j.reason)
+        table.add_row(name, allocation_of(wf, j.rule, j.wildcards), step_needs(wf, j.rule, j.wildcards, resources),
+                      "\n".join(_short(o, wf.base) for o in j.outputs), j.reason)
     if not steps:
         table.add_row("(nothing)", "", "", "all outputs are present and up to date")
     console = Console(width=160)
     console.print(table)
-    console.print("Steps not listed are up to date (or not needed for the targets).")
+    console.print("Steps not listed are up to date (or not needed for the targets). "
+                  "`glmsnake plan --resources --explain` shows every estimate and its inputs.")
+    for f in resources.findings:
+        console.print(f"{f.level}: {f.text()}", highlight=False, soft_wrap=True)
 
 
 def _short(path: str, base: Path) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from glmsnake.config import RUN_KEYS, Preset, Run, UserConfig, Workflow
 from glmsnake.errors import GlmsnakeError, refused_without_traceback
 from glmsnake.inputs import input_problems
 from glmsnake.parallel_layout import check_launcher, workflow_problems
+from glmsnake.resources import planner
 
 PRESET_DIR = REPO_ROOT / "config" / "presets"
 DEFAULT_CONFIG = REPO_ROOT / "config" / "config.yaml"
@@ -143,6 +145,8 @@ def load(user_config: dict[str, Any] | None, config_file: str | Path | None = No
     origin = project_dir(config_file) if config_file is not None else None
     wf = Workflow(user=user, preset=preset, runs=runs, project_dir=origin)
     problems = workflow_problems(wf) + [f"{p}\n    fix: {f}" for p, f in input_problems(wf)]
+    if not problems:  # the estimates need a valid layout
+        problems = [f.text() for f in planner.config_findings(wf) if f.level == "error"]
     if problems:
         raise GlmsnakeError("impossible configuration:\n  " + "\n  ".join(problems), "see each fix above")
     return wf
@@ -169,8 +173,25 @@ def for_snakefile(config: dict[str, Any], configfiles: list) -> Workflow:
     with refused_without_traceback():
         wf = load(config, files[0] if files else None)
         check_launcher(wf)  # slime on the local launcher: refused before the first download
+    if not os.environ.get(knobs.CONFIG.name):  # once, in the main process: not again in every job
+        warn(f for f in planner.config_findings(wf) if f.level == "warning")
     export_to_env(config, files)
     return wf
+
+
+def warn(findings) -> None:
+    for f in findings:
+        print(f"glmsnake: warning: {f.text()}", file=sys.stderr, flush=True)
+
+
+def check_base_dir_room(wf: Workflow, jobs) -> None:
+    """Before a workflow runs `jobs` (Snakemake's, not in a dry run): room under base_dir for what they write."""
+    running = {(job.rule.name, job.wildcards_dict.get("run")) for job in jobs}
+    findings = planner.base_dir_findings(wf, running)
+    warn(f for f in findings if f.level == "warning")
+    errors = [f.text() for f in findings if f.level == "error"]
+    if errors:
+        raise GlmsnakeError("not enough disk for this workflow:\n  " + "\n  ".join(errors), "see each fix above")
 
 
 def export_to_env(config: dict[str, Any], files: list) -> None:

@@ -56,6 +56,7 @@ class Case:
     mount: str | None = None  # a tmpfs for base_dir: "SIZE" (a full disk) or "ro" (a read-only one)
     copy: tuple[str, ...] = ()  # for a mount: what of the finished base to copy into it
     mid_run: bool = False  # not refused early: the disk fills while the step runs; the cause must be named
+    fill_at: str | None = None  # mid-run: once this path (relative to base) appears, another writer fills the disk
 
 
 def config_cases() -> list[Case]:
@@ -247,28 +248,30 @@ def disk_cases() -> list[Case]:
         Case("disk: base_dir read-only", ("base_dir {case}/mnt is on a read-only file system",),
              "set base_dir to a folder on a writable file system", {"base_dir": "{case}/mnt"}, mount="ro",
              copy=(MODEL,)),
-        Case("disk: download does not fit", (f"downloading {HUB_MODEL}@main", "under {case}/mnt/" + MODEL,
-                                             "but its file system has"), full,
+        # Refused when the workflow starts running jobs: the estimate of what they write does not fit.
+        Case("disk: download does not fit", ("not enough disk for this workflow", "base_dir: the outputs still to write "
+                                             "need", "under {case}/mnt, but its file system has"), "base_dir needs",
              {"base_dir": "{case}/mnt", "overrides": {"weights": {"source": f"hf://{HUB_MODEL}@main"}}},
-             run=("snakemake", f"{{case}}/mnt/{MODEL}/glmsnake.manifest.json"), code=1,
-             step_output=f"{MODEL}/glmsnake.manifest.json", mount="96k"),
-        Case("disk: FP8 does not fit", ("FP8 conversion of", "under {case}/mnt/" + MODEL + "-FP8", "but its file system has"),
-             full, {"base_dir": "{case}/mnt"}, run=("snakemake", f"{{case}}/mnt/{MODEL}-FP8/glmsnake.done.json"), code=1,
-             step_output=f"{MODEL}-FP8/glmsnake.done.json", mount="+48k", copy=(MODEL, f"{MODEL}_torch_dist", "data")),
+             run=("snakemake", f"{{case}}/mnt/{MODEL}/glmsnake.manifest.json"), mount="96k"),
+        Case("disk: FP8 does not fit", ("not enough disk for this workflow", "base_dir: the outputs still to write need",
+                                        "under {case}/mnt, but its file system has"), "base_dir needs",
+             {"base_dir": "{case}/mnt"}, run=("snakemake", f"{{case}}/mnt/{MODEL}-FP8/glmsnake.done.json"),
+             mount="+48k", copy=(MODEL, f"{MODEL}_torch_dist", "data")),
         Case("disk: full while writing", ("no space left while writing {case}/mnt/data/prompt.jsonl (No space left on device)", "free of"), full,
              {"base_dir": "{case}/mnt", "overrides": {"datasets": {"prompt": {"source": "local:{case}/big.jsonl"}}}},
              run=("snakemake", "{case}/mnt/data/prompt.jsonl"), code=1, step_output="data/prompt.jsonl", mount="+16k",
              copy=(MODEL, "data"), files={"big.jsonl": GOOD_ROW * 60000}),
-        Case("disk: checkpoints do not fit", ("training run default (4 checkpoints of", "with optimizer state) needs",
-                                                  "under {case}/mnt/runs/default/checkpoints, but its file system has"),
-             full, {"base_dir": "{case}/mnt"}, run=("snakemake", "{case}/mnt/runs/default/glmsnake.done.json"), code=1,
-             mount="+1024k", step_output="runs/default/glmsnake.done.json", copy=TRAINING_INPUTS),
-        # Room for two checkpoints as the guard counts them, but every one kept: the third save fills the disk.
+        Case("disk: checkpoints do not fit", ("not enough disk for this workflow", "base_dir: the outputs still to "
+                                              "write need", "under {case}/mnt, but its file system has"), "base_dir needs",
+             {"base_dir": "{case}/mnt"}, run=("snakemake", "{case}/mnt/runs/default/glmsnake.done.json"),
+             mount="+1024k", copy=TRAINING_INPUTS),
+        # Room for what the run keeps (two checkpoints), then another writer fills the disk after the first save.
         Case("disk: full during training", ("training driver of run default exited with 1; a checkpoint takes",
                                             "and the file system of {case}/mnt/runs/default/checkpoints has"), full,
-             {"base_dir": "{case}/mnt", "runs": {"default": {"train": {"save_interval": 1, "keep_checkpoints": None}}}},
+             {"base_dir": "{case}/mnt", "runs": {"default": {"train": {"save_interval": 1, "keep_checkpoints": {"last": 1}}}}},
              run=("snakemake", "{case}/mnt/runs/default/glmsnake.done.json"), code=1, mount="+7700k", mid_run=True,
-             step_output="runs/default/glmsnake.done.json", copy=TRAINING_INPUTS),
+             fill_at="runs/default/checkpoints/iter_0000000", step_output="runs/default/glmsnake.done.json",
+             copy=TRAINING_INPUTS),
     ]
 
 
@@ -366,8 +369,15 @@ def run_in_mount(case: Case, cmd, cwd, env, base: Path, prep: Path, hasher, fold
         copy += f" && rm -f {shlex.quote(str(base / case.step_output))}"
     remount = f" && mount -o remount,ro {shlex.quote(str(base))}" if case.mount == "ro" else ""
     q = lambda argv: " ".join(shlex.quote(str(a)) for a in argv)  # noqa: E731
-    script = (f"{mount}{copy}{remount} && {q(hasher)} > {folder}/before.json && "
-              f"(cd {shlex.quote(str(cwd))} && {q(cmd)}) > {folder}/out.txt 2>&1; rc=$?; "
+    fill = ""
+    if case.fill_at:  # in the background, inside the namespace: wait for the path, then take all but 2 MB
+        # (less than a 3 MB checkpoint, enough for the logs and Ray logs that must name the cause)
+        mark, filler, b = shlex.quote(str(base / case.fill_at)), shlex.quote(str(base / "filler")), shlex.quote(str(base))
+        fill = (f" && {{ (for i in $(seq 3000); do [ -e {mark} ] && break; sleep 0.1; done; "
+                f"head -c $(( $(df -B1 --output=avail {b} | tail -1) - 2000000 )) /dev/zero > {filler})"
+                " >/dev/null 2>&1 & filler_pid=$!; }")
+    script = (f"{mount}{copy}{remount} && {q(hasher)} > {folder}/before.json{fill} && "
+              f"(cd {shlex.quote(str(cwd))} && {q(cmd)}) > {folder}/out.txt 2>&1; rc=$?; kill $filler_pid 2>/dev/null; "
               f"{q(hasher)} > {folder}/after.json; exit $rc")
     proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], env=env,
                           capture_output=True, text=True, timeout=300)
