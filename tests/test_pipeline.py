@@ -80,3 +80,22 @@ def test_fp8_block_size_reruns_fp8_and_with_fp8_rollout_train(pipeline):
     assert dry(pipeline, "overrides={convert: {fp8: {block_size: [64, 64]}}}") == {"convert_fp8": 1, "all": 1}
     jobs = dry(pipeline, "overrides={convert: {fp8: {block_size: [64, 64]}}}", "runs={default: {features: {fp8_rollout: true}}}")
     assert jobs == {"convert_fp8": 1, "train_run": 1, "export_hf": 1, "all": 1}
+
+
+def test_resource_planner_predicts_the_tiny_outputs_within_5_percent(pipeline):
+    from glmsnake import disk, resolve
+    from glmsnake.resources import planner, storage
+
+    _, base = pipeline
+    wf = resolve.load({"base_dir": str(base)})
+    m, paths, run = wf.preset.model, wf.paths, wf.runs["default"]
+    newest = max(paths.run("default").checkpoints.glob("iter_*"))
+    for folder, predicted in ((paths.hf_dir, storage.hf_bytes(m)), (paths.torch_dist_dir, storage.torch_dist_bytes(m)),
+                              (paths.fp8_dir, storage.fp8_bytes(m, wf.preset.convert.fp8.block_size)),
+                              (newest, storage.checkpoint_bytes(m, run)), (paths.run("default").hf, storage.hf_bytes(m))):
+        real = disk.bytes_under(folder)
+        assert abs(predicted - real) / real < 0.05, (folder, predicted, real)
+    kept = len(list(paths.run("default").checkpoints.glob("iter_*")))
+    assert kept == run.train.keep_checkpoints.last  # what the estimate holds, less the one being written
+    plan = planner.plan_resources(wf)
+    assert plan.disk_pending == 0 and all(t.name.endswith("(written)") for t in plan.disk.terms)
