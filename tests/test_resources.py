@@ -218,3 +218,17 @@ def test_plan_names_what_each_step_needs(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "glmsnake.cli", "plan", "all"], capture_output=True, text=True,
                           cwd=tmp_path, env={**__import__("os").environ, "COLUMNS": "250"})
     assert "needs (estimate)" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_a_resumed_run_needs_room_only_for_the_checkpoints_it_does_not_have(tmp_path):
+    from glmsnake.resources import storage
+
+    wf = resolve.load({"base_dir": str(tmp_path)})
+    one = storage.checkpoint_bytes(wf.preset.model, wf.runs["default"])
+    running = {("train_run", "default")}
+    _, fresh = storage.disk_estimate(wf, running)
+    for i in (3, 7):
+        (wf.paths.run("default").checkpoints / f"iter_{i:07d}").mkdir(parents=True)
+    est, resumed = storage.disk_estimate(wf, running)
+    assert fresh == pytest.approx(4 * one) and resumed == pytest.approx(2 * one)  # 3 kept + 1 being written, 2 there
+    assert [t.name for t in est.terms] == ["run default: checkpoints"]  # only what the jobs about to run write

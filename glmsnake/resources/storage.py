@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from glmsnake import model_size
+from glmsnake import model_size, retention
 from glmsnake.disk import human
 from glmsnake.resources.terms import Estimate, count
 
@@ -105,14 +105,15 @@ def disk_estimate(wf: "Workflow", running: set[tuple[str, str | None]] | None = 
     est = Estimate(f"disk under {wf.base}")
     pending = 0.0
 
-    def add(name: str, nbytes: float, how: str, done: bool, step: tuple[str, str | None] = ("", None)) -> None:
+    def add(name: str, nbytes: float, how: str, done: bool, step: tuple[str, str | None] = ("", None),
+            have: float = 0.0) -> None:
         nonlocal pending
         runs_now = not done if running is None else step in running
         if done and not runs_now:
             est.add(name + " (written)", nbytes, how)
         elif runs_now:
-            est.add(name, nbytes, how)
-            pending += nbytes
+            est.add(name, nbytes, how + (f"; {human(have)} of it already there" if have else ""))
+            pending += max(0.0, nbytes - have)
 
     params = model_size.parameter_count(m)
     add("HF weights", hf_bytes(m), f"{count(params)} parameters, bf16", paths.hf_manifest.exists(), ("download_hf", None))
@@ -127,7 +128,8 @@ def disk_estimate(wf: "Workflow", running: set[tuple[str, str | None]] | None = 
         one = checkpoint_bytes(m, run)
         kind = (f"{model_size.CHECKPOINT_BYTES_PER_PARAMETER} B a parameter with optimizer state" if run.train.backend == "slime"
                 else "weights + the local trainer's fp32 optimizer state")
+        there = min(held, len(retention.present(rp.checkpoints)))  # a resumed run already has these
         add(f"run {name}: checkpoints", held * one, f"{held} x {human(one)} ({kind}); {why}", rp.sentinel.exists(),
-            ("train_run", name))
+            ("train_run", name), there * one)
         add(f"run {name}: HF export", hf_bytes(m), "bf16, as the input", rp.hf_sentinel.exists(), ("export_hf", name))
     return est, pending
