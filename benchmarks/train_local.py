@@ -90,7 +90,7 @@ def main() -> int:
 
     ro = metrics.rollouts(metrics.read(s.paths.metrics))[1:]
     med = lambda k: statistics.median(r[k] for r in ro)  # noqa: E731
-    step_s = [r["rollout_seconds"] + r["train_seconds"] + r["sync_seconds"] for r in ro]
+    step_s = [r["perf/rollout_time"] + r["perf/actor_train_time"] + r["perf/update_weights_time"] for r in ro]
 
     # The sync alone, repeated: state_dict copy + object store + load_state_dict.
     t_opts, r_opts = actor_options(ray)
@@ -110,12 +110,12 @@ def main() -> int:
         "samples_per_rollout": args.batch * args.n,
         "max_response_len": args.max_len,
         "rollouts_measured": len(ro),
-        "rollout_samples_per_s": med("rollout_samples_per_s"),
-        "train_samples_per_s": med("train_samples_per_s"),
-        "samples_per_s": med("samples_per_s"),
-        "rollout_tokens_per_s": med("tokens_per_s"),
-        "sync_ms_per_step": 1e3 * med("sync_seconds"),
-        "sync_share_of_step": statistics.median(r["sync_seconds"] / t for r, t in zip(ro, step_s)),
+        "rollout_samples_per_s": med("perf/rollout_samples_per_s"),
+        "train_samples_per_s": med("perf/train_samples_per_s"),
+        "samples_per_s": med("perf/samples_per_s"),
+        "rollout_tokens_per_s": med("perf/tokens_per_s"),
+        "sync_ms_per_step": 1e3 * med("perf/update_weights_time"),
+        "sync_share_of_step": statistics.median(r["perf/update_weights_time"] / t for r, t in zip(ro, step_s)),
         "sync_isolated_ms": 1e3 * statistics.median(total),
         "sync_load_state_dict_ms": 1e3 * statistics.median(load),
         "weights_mb": nbytes / 2**20,

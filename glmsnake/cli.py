@@ -97,7 +97,7 @@ def cmd_setup_profiles(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from glmsnake.status import show_status
 
-    return show_status(_workflow(args), args.run)
+    return show_status(_workflow(args), args.run, args.watch)
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
@@ -140,8 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name")
     s.set_defaults(func=cmd_step)
 
-    st = with_config(sub.add_parser("status", help="training progress of a run"))
+    st = with_config(sub.add_parser("status", help="every run: progress, last reward, checkpoints, Slurm job"))
     st.add_argument("run", nargs="?")
+    st.add_argument("--watch", type=float, nargs="?", const=10.0, default=None, metavar="SECONDS",
+                    help="refresh every SECONDS (default 10) until Ctrl-C")
     st.set_defaults(func=cmd_status)
 
     v = with_config(sub.add_parser("verify", help="re-hash every output against its sentinel; name what differs"))

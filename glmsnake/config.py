@@ -27,6 +27,7 @@ from glmsnake.recipe.args import (
     PerfArgs,
     RolloutArgs,
     SglangArgs,
+    TrackingArgs,
 )
 
 class Strict(BaseModel):
@@ -230,6 +231,7 @@ class TrainingGroups(Strict):
     sglang_fp8: SglangArgs | None = None  # overlaid on sglang with features.fp8_rollout
     mtp: MtpArgs = MtpArgs()
     misc: MiscArgs = MiscArgs()
+    tracking: TrackingArgs = TrackingArgs()  # W&B and TensorBoard: never part of what decides a run's output
     features: Features = Features()
     train: Train = Train()
 

@@ -51,6 +51,8 @@ class RunPaths:
     attempt_logs = _Join("root", "logs")  # attempt-N.log: every training attempt's log
     pruned = _Join("root", "pruned_checkpoints.jsonl")  # one line per checkpoint retention deleted
     disk_warning = _Join("root", "disk_warning.json")  # present while less than two checkpoints fit
+    wandb = _Join("root", "wandb")  # W&B's run folder (--wandb-dir)
+    tensorboard = _Join("root", "tensorboard")  # TensorBoard event files (TENSORBOARD_DIR)
 
 
 @dataclass(frozen=True)

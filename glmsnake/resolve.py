@@ -111,6 +111,8 @@ def _pretty(err: ValidationError, where: str) -> GlmsnakeError:
         loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"{where}.{loc}: unknown key")
+        elif isinstance(e.get("input"), dict):  # a whole section: too long to echo, and it may hold a secret
+            lines.append(f"{where}.{loc}: {e['msg']}")
         else:
             lines.append(f"{where}.{loc}: {e['msg']} (got {e.get('input')!r})")
     return GlmsnakeError(

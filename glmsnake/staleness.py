@@ -70,6 +70,7 @@ def train(wf: Workflow, run: str) -> dict[str, Any]:
         for k in keys:
             r[section].pop(k, None)
     r.pop("name")
+    r.pop("tracking")  # where metrics go (W&B, TensorBoard) changes no weight
     r["architecture"] = wf.architecture()
     if wf.runs[run].serves_fp8:
         r["fp8"] = fp8(wf)

@@ -61,7 +61,10 @@ def test_status_shows_the_finished_run(pipeline):
     cfg.write_text((REPO / "config/config.yaml").read_text().replace("base_dir: results", f"base_dir: {base}"))
     out = subprocess.run([sys.executable, "-m", "glmsnake.cli", "status", "--configfile", str(cfg)],
                          capture_output=True, text=True, check=True).stdout
-    assert "32/32 rollouts" in out and "latest checkpoint: 31; finished" in out
+    row = next(line for line in out.splitlines() if line.startswith("│ default "))
+    cells = [c.strip() for c in row.strip("│").split("│")]
+    assert cells[:2] == ["default", "local"] and cells[3] == "32/32" and cells[6] == "iter 31 (finished)", row
+    assert float(cells[4]) > 0 and cells[5].startswith("eval ") and cells[7].startswith("3 (") and cells[8] == "-"
 
 
 def test_rerun_does_nothing(pipeline):

@@ -192,7 +192,7 @@ def run_loop(settings):
 def quarters(records) -> tuple[float, float]:
     ro = metrics.rollouts(records)
     q = len(ro) // 4
-    return (sum(r["reward_mean"] for r in ro[:q]) / q, sum(r["reward_mean"] for r in ro[-q:]) / q)
+    return (sum(r["rollout/raw_reward"] for r in ro[:q]) / q, sum(r["rollout/raw_reward"] for r in ro[-q:]) / q)
 
 
 @pytest.fixture(scope="module")
@@ -210,14 +210,17 @@ def test_learning_is_real(learned):
     assert [r["rollout_id"] for r in ro] == list(range(s.rollout.num_rollout))
     # Weights flowed after every step: rollout r sampled with the weights of version r, and the
     # sampler's log-probs equal the trainer's (same weights) up to float noise.
-    assert [r["weight_version"] for r in ro] == list(range(s.rollout.num_rollout))
-    assert max(r["train_rollout_logprob_abs_diff"] for r in ro) < 1e-4
-    for key in ("reward_std", "response_len_mean", "loss", "ppo_kl", "grad_norm", "samples_per_s",
-                "rollout_samples_per_s", "train_samples_per_s", "sync_seconds"):
+    assert [r["rollout/weight_version"] for r in ro] == list(range(s.rollout.num_rollout))
+    assert max(r["train/train_rollout_logprob_abs_diff"] for r in ro) < 1e-4
+    # slime's names where slime logs the same metric (rollout/, train/, perf/, eval/<set>).
+    for key in ("rollout/raw_reward_std", "rollout/response_len/mean", "train/loss", "train/ppo_kl", "train/grad_norm",
+                "train/pg_clipfrac", "perf/samples_per_s", "perf/rollout_samples_per_s", "perf/train_samples_per_s",
+                "perf/update_weights_time", "perf/actor_train_time"):
         assert all(key in r for r in ro), key
     evals = [r for r in records if r["kind"] == "eval"]
     assert [e["trained_rollouts"] for e in evals] == [0, 8, 16, 24, 32]  # eval_interval 8, and before training
-    assert evals[-1]["eval/eval/reward_mean"] > evals[0]["eval/eval/reward_mean"] + 0.2
+    assert evals[-1]["eval/eval"] > evals[0]["eval/eval"] + 0.2 and "eval/eval/response_len/mean" in evals[-1]
+    assert not [k for r in records for k in r if "/" not in k and k not in ("kind", "rollout_id", "trained_rollouts", "time")]
     assert checkpoints.iterations(Path(s.checkpoint_root)) == [3, 7, 11, 15, 19, 23, 27, 31]
     assert out["final_iteration"] == 31
     assert s.paths.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -242,12 +245,45 @@ def test_gspo_kl_entropy_tis_multi_step(base, ray_local):
     s = from_workflow(wf, "gspo")
     out, records = run_loop(s)
     ro = metrics.rollouts(records)
-    assert [r["optimizer_steps"] for r in ro] == [2, 4, 6]
-    assert all(k in ro[-1] for k in ("kl_ref", "kl_loss", "entropy"))
-    assert ro[0]["kl_ref"] == pytest.approx(0, abs=1e-6)  # policy == reference before the first step
-    assert ro[-1]["kl_ref"] > 0
-    assert ro[-1]["pg_clipfrac"] > 0  # tiny GSPO clip range: the second step is clipped
+    assert [r["train/step"] for r in ro] == [2, 4, 6]
+    assert all(k in ro[-1] for k in ("rollout/kl_ref", "train/kl_loss", "train/entropy_loss"))
+    assert ro[0]["rollout/kl_ref"] == pytest.approx(0, abs=1e-6)  # policy == reference before the first step
+    assert ro[-1]["rollout/kl_ref"] > 0
+    assert ro[-1]["train/pg_clipfrac"] > 0  # tiny GSPO clip range: the second step is clipped
     assert checkpoints.iterations(Path(s.checkpoint_root)) == [1, 2]  # every 2, and the last
+
+
+def test_tensorboard_and_offline_wandb_get_every_metric_under_slimes_names(base, ray_local, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    wf = resolve.load({"base_dir": str(base), "runs": {"tracked": {
+        "rollout": {"num_rollout": 3}, "train": {"save_interval": 3},
+        "tracking": {"use_tensorboard": True, "use_wandb": True, "wandb_mode": "offline", "wandb_project": "tiny"}}}})
+    s = from_workflow(wf, "tracked")
+    _, records = run_loop(s)
+    ro, ev = metrics.rollouts(records), [r for r in records if r["kind"] == "eval"]
+    assert [r["rollout_id"] for r in ro] == [0, 1, 2] and [e["trained_rollouts"] for e in ev] == [0]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(s.paths.tensorboard))
+    acc.Reload()
+    for key in ("rollout/raw_reward", "rollout/response_len/mean", "train/pg_clipfrac", "train/grad_norm",
+                "perf/samples_per_s"):
+        events = acc.Scalars(key)
+        assert [e.step for e in events] == [0, 1, 2], key
+        assert [e.value for e in events] == pytest.approx([r[key] for r in ro], rel=1e-6), key
+    assert [(e.step, e.value) for e in acc.Scalars("eval/eval")] == [(0, pytest.approx(ev[0]["eval/eval"]))]
+
+    runs = list((s.paths.wandb / "wandb").glob(f"offline-run-*-{s.wandb_run_id}"))
+    assert len(runs) == 1, list(s.paths.wandb.rglob("*"))
+    from wandb_log import history
+
+    rows = history(runs[0])
+    logged = [r for r in rows if "rollout/raw_reward" in r]
+    assert [r["rollout/step"] for r in logged] == [0, 1, 2]
+    assert [r["rollout/raw_reward"] for r in logged] == pytest.approx([r["rollout/raw_reward"] for r in ro])
+    assert all({"train/grad_norm", "train/pg_clipfrac", "perf/samples_per_s"} <= set(r) for r in logged)
+    assert [r["eval/eval"] for r in rows if "eval/eval" in r] == pytest.approx([ev[0]["eval/eval"]])
 
 
 # --------------------------------------------------------------------------- kill, resume, step, export
@@ -305,8 +341,8 @@ def test_killed_run_resumes_from_its_checkpoint_then_step_and_export(base, learn
     first_attempt = {r["rollout_id"]: r["time"] for r in done_before}
     assert all(ro[i]["time"] == first_attempt[i] for i in range(at_kill[-1] + 1))
     ref = metrics.rollouts(ref_records)
-    assert [r["reward_mean"] for r in ro] == [r["reward_mean"] for r in ref]  # a faithful resume
-    assert ro[-1]["grad_norm"] == pytest.approx(ref[-1]["grad_norm"], rel=1e-6)
+    assert [r["rollout/raw_reward"] for r in ro] == [r["rollout/raw_reward"] for r in ref]  # a faithful resume
+    assert ro[-1]["train/grad_norm"] == pytest.approx(ref[-1]["train/grad_norm"], rel=1e-6)
     assert rec["metrics_summary"]["reward_last_quarter"] == pytest.approx(quarters(ref_records)[1])
 
     # export_hf: the final checkpoint back to an HF folder that transformers loads.

@@ -8,9 +8,10 @@ Unknown keys are rejected, so a typo in a preset is an error, not a silent no-op
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
+                      model_validator)
 
 Scalar = int | float | str
 Value = bool | Scalar | list[Scalar] | None
@@ -225,6 +226,30 @@ class SglangArgs(FlagGroup):
 class MtpArgs(FlagGroup):
     enable_mtp_training: bool = False
     mtp_loss_scaling_factor: float | None = None
+
+
+class TrackingArgs(FlagGroup):
+    """slime's W&B and TensorBoard flags (WANDB_ARGS in its scripts). glmsnake adds a stable
+    `--wandb-run-id`, `--wandb-dir` and `--wandb-group` per run; the API key comes only from the
+    environment (WANDB_API_KEY), never from the config or the command line."""
+
+    use_wandb: bool = False
+    wandb_project: str | None = None
+    wandb_group: str | None = None  # default: the run's name
+    wandb_team: str | None = None
+    wandb_host: str | None = None
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None
+    use_tensorboard: bool = False
+    tb_project_name: str | None = None  # default: the model's name
+    tb_experiment_name: str | None = None  # default: the run's name
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_key(cls, v: Any) -> Any:
+        if isinstance(v, dict) and {"wandb_key", "wandb_api_key"} & set(v):
+            raise ValueError("a W&B key does not belong in the config (it would reach logs and the rendered "
+                             "command); export WANDB_API_KEY in the shell that runs snakemake instead")
+        return v
 
 
 class MiscArgs(FlagGroup):

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from glmsnake.config import Run, Workflow
 
 TRAIN_PY = ("python3", "train.py")
-GROUP_ORDER = ("MODEL", "CKPT", "ROLLOUT", "EVAL", "PERF", "GRPO", "OPTIMIZER", "SGLANG", "MTP", "MISC")
+GROUP_ORDER = ("MODEL", "CKPT", "ROLLOUT", "EVAL", "PERF", "GRPO", "OPTIMIZER", "SGLANG", "MTP", "MISC", "WANDB")
 
 
 def sglang_args(run: "Run") -> SglangArgs:
@@ -95,7 +95,52 @@ def groups(wf: "Workflow", run_name: str) -> dict[str, list[str]]:
         "SGLANG": sglang_args(run).render(),
         "MTP": run.mtp.render() if run.features.mtp_training else [],
         "MISC": run.misc.render(),
+        "WANDB": tracking_args(wf, run_name),
     }
+
+
+def wandb_run_id(wf: "Workflow", run_name: str) -> str:
+    """The same W&B run for every attempt of a run (requeues, resumes, a longer num_rollout);
+    a new one when settings change what the run computes (it restarts from the weights)."""
+    import hashlib
+    import json
+    import re
+
+    from glmsnake import staleness
+
+    key = staleness.train(wf, run_name)
+    key["rollout"].pop("num_rollout", None)  # a longer or shorter run continues its curve
+    digest = hashlib.sha256(json.dumps([wf.preset.model_name, run_name, key], sort_keys=True).encode()).hexdigest()
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '-', run_name)[:40]}-{digest[:12]}"
+
+
+def tracking_args(wf: "Workflow", run_name: str) -> list[str]:
+    """slime's W&B/TensorBoard flags, with a stable run id and the run folder as their home."""
+    t, rp = wf.runs[run_name].tracking, wf.paths.run(run_name)
+    extra = {}
+    if t.use_wandb:
+        extra = {"wandb_group": t.wandb_group or run_name}
+    if t.use_tensorboard:
+        extra |= {"tb_project_name": t.tb_project_name or wf.preset.model_name,
+                  "tb_experiment_name": t.tb_experiment_name or run_name}
+    args = t.model_copy(update=extra).render()
+    if t.use_wandb:
+        args += ["--wandb-run-id", wandb_run_id(wf, run_name), "--disable-wandb-random-suffix",
+                 "--wandb-dir", str(rp.wandb)]
+    return args
+
+
+def tracking_env(wf: "Workflow", run_name: str) -> dict[str, str]:
+    """What W&B and TensorBoard read from the environment: slime's primary W&B process takes its
+    run id from WANDB_RUN_ID (it passes none to wandb.init), TensorBoard writes to TENSORBOARD_DIR.
+    WANDB_API_KEY is not here: every Ray process inherits it from the job's environment."""
+    t, rp = wf.runs[run_name].tracking, wf.paths.run(run_name)
+    env = {}
+    if t.use_wandb:
+        env |= {"WANDB_RUN_ID": wandb_run_id(wf, run_name), "WANDB_RESUME": "allow"}
+    if t.use_tensorboard:
+        env["TENSORBOARD_DIR"] = str(rp.tensorboard)
+    return env
 
 
 def placement_args(run: "Run") -> list[str]:
@@ -112,7 +157,8 @@ def driver(wf: "Workflow", run_name: str, head_address: str, interface: str | No
     argv = [*TRAIN_PY, *placement_args(run)]
     for args in groups(wf, run_name).values():
         argv += args
-    return Driver(argv=argv, cwd=run.train.slime_dir, env=runtime_env(run, head_address, interface, nvls))
+    env = runtime_env(run, head_address, interface, nvls) | tracking_env(wf, run_name)
+    return Driver(argv=argv, cwd=run.train.slime_dir, env=env)
 
 
 def driver_factory(wf: "Workflow", run_name: str, interface: str | None = None) -> functools.partial[Driver]:
@@ -149,7 +195,7 @@ def render_text(wf: "Workflow", run_name: str) -> str:
         lines.append(")")
         lines.append("")
     run = wf.runs[run_name]
-    env = runtime_env(run, head_address="${MASTER_ADDR}", nvls="${HAS_NVLINK}")
+    env = runtime_env(run, head_address="${MASTER_ADDR}", nvls="${HAS_NVLINK}") | tracking_env(wf, run_name)
     lines.append("# runtime env: " + " ".join(f"{k}={v}" for k, v in env.items()))
     lines.append(f"cd {_quote(run.train.slime_dir)} && " + " ".join([*TRAIN_PY, *placement_args(run)])
                  + " " + " ".join(f'"${{{g}_ARGS[@]}}"' for g in GROUP_ORDER))

@@ -44,6 +44,7 @@ def trainer_settings(wf: Workflow, run_name: str) -> TrainerSettings:
         rollout=run.rollout, eval=run.eval, grpo=run.grpo, optimizer=run.optimizer, perf=run.perf,
         save_interval=run.train.save_interval,
         seed=run.train.seed,
+        tracking=run.tracking, wandb_run_id=recipe.command.wandb_run_id(wf, run_name),
     )
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from glmsnake.trainer import checkpoints, metrics
+from glmsnake.trainer import metric_names as names
+from glmsnake.trainer import tracking
 from glmsnake.trainer.data import read_jsonl, rollout_batch
 from glmsnake.trainer.rollout import sampling_seed
 from glmsnake.trainer.settings import TrainerSettings
@@ -46,6 +48,7 @@ class Loop:
     def __init__(self, settings: TrainerSettings, log: Callable[[str], None] = print):
         self.s = settings
         self.log = log
+        self.sinks: tracking.Sinks | None = None  # TensorBoard, W&B: open while an attempt trains
 
     def run(self) -> dict[str, Any]:
         import ray
@@ -64,26 +67,27 @@ class Loop:
         if start >= s.rollout.num_rollout:
             metrics.plot(kept, s.paths.plot, s.run)
             return {"start": start, "final_iteration": resume, **metrics.summary(kept)}
-        t_opts, r_opts = actor_options(ray)
-        trainer = ray.remote(TrainWorker).options(**t_opts).remote(s, resume)
-        rollout = ray.remote(RolloutWorker).options(**r_opts).remote(s)
-        got = ray.get(trainer.start_rollout.remote())
-        if got != start:
-            raise RuntimeError(f"trainer restored rollout {got}, expected {start}")
-        self.sync(trainer, rollout, start)
-        rows = read_jsonl(Path(s.prompt_data), s.rollout.input_key, s.rollout.label_key)
-        evals = {n: read_jsonl(Path(p), s.rollout.input_key, s.rollout.label_key) for n, p in s.eval_data.items()}
-        if evals and s.eval.eval_interval and start % s.eval.eval_interval == 0 \
-                and not any(r.get("kind") == "eval" and r["trained_rollouts"] == start for r in kept):
-            self.evaluate(rollout, evals, start)
-        for r in range(start, s.rollout.num_rollout):
-            self.one_rollout(trainer, rollout, rows, r)
-            if evals and s.eval.eval_interval and (r + 1) % s.eval.eval_interval == 0:
-                self.evaluate(rollout, evals, r + 1)
-            if (r + 1) % s.save_interval == 0 or r + 1 == s.rollout.num_rollout:
-                info = ray.get(trainer.save.remote(r))
-                self.log(f"[trainer] saved iter {r}: {info}")
-                metrics.plot(metrics.read(s.paths.metrics), s.paths.plot, s.run)
+        with tracking.Sinks(s) as self.sinks:
+            t_opts, r_opts = actor_options(ray)
+            trainer = ray.remote(TrainWorker).options(**t_opts).remote(s, resume)
+            rollout = ray.remote(RolloutWorker).options(**r_opts).remote(s)
+            got = ray.get(trainer.start_rollout.remote())
+            if got != start:
+                raise RuntimeError(f"trainer restored rollout {got}, expected {start}")
+            self.sync(trainer, rollout, start)
+            rows = read_jsonl(Path(s.prompt_data), s.rollout.input_key, s.rollout.label_key)
+            evals = {n: read_jsonl(Path(p), s.rollout.input_key, s.rollout.label_key) for n, p in s.eval_data.items()}
+            if evals and s.eval.eval_interval and start % s.eval.eval_interval == 0 \
+                    and not any(r.get("kind") == "eval" and r["trained_rollouts"] == start for r in kept):
+                self.evaluate(rollout, evals, start)
+            for r in range(start, s.rollout.num_rollout):
+                self.one_rollout(trainer, rollout, rows, r)
+                if evals and s.eval.eval_interval and (r + 1) % s.eval.eval_interval == 0:
+                    self.evaluate(rollout, evals, r + 1)
+                if (r + 1) % s.save_interval == 0 or r + 1 == s.rollout.num_rollout:
+                    info = ray.get(trainer.save.remote(r))
+                    self.log(f"[trainer] saved iter {r}: {info}")
+                    metrics.plot(metrics.read(s.paths.metrics), s.paths.plot, s.run)
         records = metrics.read(s.paths.metrics)
         return {"start": start, "final_iteration": checkpoints.latest(ckroot), **metrics.summary(records)}
 
@@ -114,28 +118,30 @@ class Loop:
         rec = {
             "kind": "rollout",
             "rollout_id": r,
-            "reward_mean": _mean(rewards),
-            "reward_std": statistics.pstdev(rewards) if n > 1 else 0.0,
-            "reward_max": max(rewards),
-            "reward_exact_ratio": _mean([float(x >= 1.0) for x in rewards]),  # accuracy for 0/1 rewards
-            "response_len_mean": _mean(lens),
-            "truncated_ratio": _mean([float(x.truncated) for x in samples]),
-            "n_samples": n,
-            "weight_version": ginfo["weight_version"],
-            "rollout_seconds": t1 - t0,
-            "train_seconds": t2 - t1,
-            "sync_seconds": sync_s,
-            "rollout_samples_per_s": n / (t1 - t0),
-            "train_samples_per_s": n / (t2 - t1),
-            "samples_per_s": n / (t2 - t0 + sync_s),
-            "tokens_per_s": ginfo["tokens"] / (t1 - t0),
+            names.REWARD: _mean(rewards),
+            names.REWARD_STD: statistics.pstdev(rewards) if n > 1 else 0.0,
+            "rollout/raw_reward_max": max(rewards),
+            "rollout/accuracy": _mean([float(x >= 1.0) for x in rewards]),  # exact answers, for 0/1 rewards
+            names.RESPONSE_LEN: _mean(lens),
+            "rollout/truncated_ratio": _mean([float(x.truncated) for x in samples]),
+            "rollout/n_samples": n,
+            "rollout/weight_version": ginfo["weight_version"],
+            "perf/rollout_time": t1 - t0,
+            "perf/actor_train_time": t2 - t1,
+            "perf/update_weights_time": sync_s,
+            "perf/rollout_samples_per_s": n / (t1 - t0),
+            "perf/train_samples_per_s": n / (t2 - t1),
+            names.SAMPLES_PER_S: n / (t2 - t0 + sync_s),
+            "perf/tokens_per_s": ginfo["tokens"] / (t1 - t0),
             "time": time.time(),
-            **{k: v for k, v in stats.items() if k != "train_seconds"},
+            **{names.TRAIN.get(k, f"train/{k}"): v for k, v in stats.items() if k != "train_seconds"},
         }
         metrics.append(s.paths.metrics, rec)
-        self.log(f"[trainer] rollout {r}: reward {rec['reward_mean']:.3f} ± {rec['reward_std']:.3f} "
-                 f"loss {rec.get('loss', 0):+.4f} len {rec['response_len_mean']:.2f} "
-                 f"({rec['samples_per_s']:.1f} samples/s, sync {sync_s * 1e3:.0f} ms)")
+        if self.sinks is not None:
+            self.sinks.log(rec)
+        self.log(f"[trainer] rollout {r}: reward {rec[names.REWARD]:.3f} ± {rec[names.REWARD_STD]:.3f} "
+                 f"loss {rec.get('train/loss', 0):+.4f} len {rec[names.RESPONSE_LEN]:.2f} "
+                 f"({rec[names.SAMPLES_PER_S]:.1f} samples/s, sync {sync_s * 1e3:.0f} ms)")
         return rec
 
     def evaluate(self, rollout, evals: dict[str, list[dict[str, Any]]], step: int) -> dict[str, Any]:
@@ -147,10 +153,12 @@ class Loop:
             samples, info = ray.get(rollout.generate.remote(
                 rows, s.eval.n_samples_per_eval_prompt, s.eval.eval_max_response_len or s.rollout.rollout_max_response_len,
                 s.rollout.rollout_temperature, sampling_seed(s.rollout_seed, step, salt=1 + i)))
-            rec[f"eval/{name}/reward_mean"] = _mean([x.reward for x in samples])
-            rec[f"eval/{name}/response_len_mean"] = _mean([len(x.response_ids) for x in samples])
+            rec[f"eval/{name}"] = _mean([x.reward for x in samples])  # slime's name for the mean eval reward
+            rec[f"eval/{name}/response_len/mean"] = _mean([len(x.response_ids) for x in samples])
             rec[f"eval/{name}/seconds"] = info["seconds"]
         metrics.append(s.paths.metrics, rec)
+        if self.sinks is not None:
+            self.sinks.log(rec)
         self.log(f"[trainer] eval after {step} rollouts: "
-                 + ", ".join(f"{k} {v:.3f}" for k, v in rec.items() if k.endswith("reward_mean")))
+                 + ", ".join(f"eval/{k} reward {rec[f'eval/{k}']:.3f}" for k in names.eval_sets(rec)))
         return rec

@@ -1,9 +1,9 @@
-"""Per-rollout metrics as JSONL in the run folder, and the reward/loss plot for `--report`.
+"""Per-rollout metrics as JSONL in the run folder, and the plot of what RL users watch.
 
-One line per rollout (`"kind": "rollout"`, `rollout_id`, `reward_mean`, `reward_std`,
-`response_len_mean`, `loss`, `pg_loss`, `ppo_kl`, `kl_ref`, timings, `samples_per_s`...)
-and one per evaluation (`"kind": "eval"`, `trained_rollouts` = rollouts trained before it,
-`eval/<name>/reward_mean`). A line is flushed and fsynced before the checkpoint that
+One line per rollout (`"kind": "rollout"`, `rollout_id`, then slime's names: `rollout/raw_reward`,
+`rollout/response_len/mean`, `train/pg_clipfrac`, `train/grad_norm`, `train/entropy_loss`, `perf/*`...;
+glmsnake/trainer/metric_names.py) and one per evaluation (`"kind": "eval"`, `trained_rollouts` =
+rollouts trained before it, `eval/<name>` = its mean reward). A line is flushed and fsynced before the checkpoint that
 covers it is written, so on resume at rollout N (from iteration N - 1) the file holds every rollout < N;
 lines of later rollouts (redone after the resume) are dropped first, so the curve
 continues instead of restarting or doubling.
@@ -17,15 +17,17 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from glmsnake.atomic import write_bytes
+from glmsnake.trainer import metric_names as names
 
 
 def read(path: Path) -> list[dict[str, Any]]:
+    """Every record, under today's names (lines of an earlier version are renamed)."""
     out = []
     if not Path(path).is_file():
         return out
     for line in Path(path).read_text().splitlines():
         try:
-            out.append(json.loads(line))
+            out.append(names.upgrade(json.loads(line)))
         except json.JSONDecodeError:
             continue  # a line cut by a kill mid-write
     return out
@@ -63,16 +65,28 @@ def summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     ev = [r for r in records if r.get("kind") == "eval"]
     return {
         "rollouts": len(ro),
-        "reward_first_quarter": mean([r["reward_mean"] for r in ro[:q]]),
-        "reward_last_quarter": mean([r["reward_mean"] for r in ro[-q:]]),
+        "reward_first_quarter": mean([r[names.REWARD] for r in ro[:q]]),
+        "reward_last_quarter": mean([r[names.REWARD] for r in ro[-q:]]),
         "last": {k: v for k, v in ro[-1].items() if isinstance(v, (int, float))},
         "last_eval": ev[-1] if ev else None,
-        "samples_per_s": mean([r["samples_per_s"] for r in ro]),
+        "samples_per_s": mean([r[names.SAMPLES_PER_S] for r in ro]),
     }
 
 
+# The panels of slime's W&B dashboards that RL users watch (GRPO's on-policy loss is ~0 by construction).
+PANELS = (
+    ("reward", names.REWARD),
+    ("response length (tokens)", names.RESPONSE_LEN),
+    ("KL to the reference", names.KL_REF),
+    ("clip fraction", "train/pg_clipfrac"),
+    ("gradient norm", "train/grad_norm"),
+    ("entropy", "train/entropy_loss"),
+)
+
+
 def plot(records: list[dict[str, Any]], png: Path, title: str = "") -> Path:
-    """Reward (mean ± std, eval) and loss against rollout id, written atomically."""
+    """Reward (mean ± std, and eval), response length, KL to the reference, clip fraction, gradient
+    norm and entropy against the rollout, written atomically. A panel without data says so."""
     import io
 
     import matplotlib
@@ -82,21 +96,24 @@ def plot(records: list[dict[str, Any]], png: Path, title: str = "") -> Path:
 
     ro = rollouts(records)
     ev = [r for r in records if r.get("kind") == "eval"]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    x = [r["rollout_id"] for r in ro]
-    m = [r["reward_mean"] for r in ro]
-    sd = [r["reward_std"] for r in ro]
-    ax1.plot(x, m, label="rollout reward (mean)")
-    ax1.fill_between(x, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], alpha=0.2, label="± std")
-    for key in sorted({k for r in ev for k in r if k.startswith("eval/") and k.endswith("/reward_mean")}):
-        pts = [(r["trained_rollouts"], r[key]) for r in ev if key in r]
-        ax1.plot([p[0] for p in pts], [p[1] for p in pts], "o--", label=key)
-    ax1.set_ylabel("reward")
-    ax1.legend(loc="best", fontsize=8)
-    ax2.plot(x, [r.get("loss", float("nan")) for r in ro], label="loss", color="C3")
-    ax2.set_ylabel("loss")
-    ax2.set_xlabel("rollout")
-    ax2.legend(loc="best", fontsize=8)
+    fig, axes = plt.subplots(3, 2, figsize=(10, 9), sharex=True)
+    for ax, (label, key) in zip(axes.flat, PANELS):
+        pts = [(r["rollout_id"], r[key]) for r in ro if isinstance(r.get(key), (int, float))]
+        ax.set_title(label, fontsize=10)
+        if not pts:
+            ax.text(0.5, 0.5, f"not logged\n({key})", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+            continue
+        x, y = [p[0] for p in pts], [p[1] for p in pts]
+        ax.plot(x, y, label=key, color="C0")
+        if key == names.REWARD:
+            sd = [r.get(names.REWARD_STD, 0.0) for r in ro if isinstance(r.get(key), (int, float))]
+            ax.fill_between(x, [a - b for a, b in zip(y, sd)], [a + b for a, b in zip(y, sd)], alpha=0.2, label="± std")
+            for i, name in enumerate(sorted({n for r in ev for n in names.eval_sets(r)})):
+                e = [(r["trained_rollouts"], r[f"eval/{name}"]) for r in ev if f"eval/{name}" in r]
+                ax.plot([p[0] for p in e], [p[1] for p in e], "o--", color=f"C{i + 1}", label=f"eval/{name}")
+        ax.legend(loc="best", fontsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("rollout")
     fig.suptitle(title)
     fig.tight_layout()
     buf = io.BytesIO()

@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from glmsnake.paths import RunPaths
-from glmsnake.recipe.args import EvalArgs, GrpoArgs, OptimizerArgs, PerfArgs, RolloutArgs
+from glmsnake.recipe.args import EvalArgs, GrpoArgs, OptimizerArgs, PerfArgs, RolloutArgs, TrackingArgs
 
 
 class TrainerSettings(BaseModel):
@@ -33,6 +33,8 @@ class TrainerSettings(BaseModel):
     perf: PerfArgs = PerfArgs()
     save_interval: int = 1
     seed: int = 1234
+    tracking: TrackingArgs = TrackingArgs()  # TensorBoard and W&B, as for slime
+    wandb_run_id: str | None = None  # the same W&B run for every attempt
     clip_grad: float = 1.0  # Megatron's default
     # Test knob, never set by the workflow: -1 flips every advantage (the "can it fail" check).
     advantage_sign: float = 1.0

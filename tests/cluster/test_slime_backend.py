@@ -10,6 +10,7 @@ neither glmsnake nor submitit, from the task runtime the launcher ships.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -20,11 +21,13 @@ from pathlib import Path
 import pytest
 
 from glmsnake import config, recipe, resolve, retention
+from glmsnake.recipe.command import wandb_run_id
 from glmsnake.launch import Allocation, Cluster, ContainerSettings, JobSpec, SlurmSettings, run_ray_job
 from tests.container_image import IMAGE
 
 pytestmark = pytest.mark.slurm
 STUB = Path(__file__).resolve().parent / "slime_stub" / "train.py"
+DUMMY_KEY = "wandb-dummy-key-3f9a1c7e5b2d4a60"
 PYXIS = Path(__file__).resolve().parent / "container_shims" / "pyxis"
 
 
@@ -63,7 +66,9 @@ def test_slime_driver_contract_on_8_nodes(slurm_cluster, container_images, tmp_p
     # A proxy in the submitting environment must not reach the driver.
     for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         monkeypatch.setenv(k, "http://127.0.0.1:9")
-    wf = _wf(tmp_path)
+    # A W&B key in the submitting environment reaches slime on every node, and no file.
+    monkeypatch.setenv("WANDB_API_KEY", DUMMY_KEY)
+    wf = _wf(tmp_path, tracking={"use_wandb": True, "wandb_project": "glm", "use_tensorboard": True})
     run = wf.runs["default"]
     assert run.train.backend == "slime" and run.train.allocation.nodes == 8 and run.train.allocation.gpus_per_node == 8
     log = tmp_path / "train.log"
@@ -93,7 +98,20 @@ def test_slime_driver_contract_on_8_nodes(slurm_cluster, container_images, tmp_p
               "--tensor-model-parallel-size", "--advantage-estimator", "--optimizer", "--rollout-num-gpus-per-engine",
               "--enable-mtp-training", "--attention-dropout"]
     assert [argv.index(f) for f in firsts] == sorted(argv.index(f) for f in firsts)
-    assert argv[5] == firsts[0] and argv[-1] == "--moe-enable-deepep"
+    assert argv[5] == firsts[0] and argv[argv.index("--moe-enable-deepep") + 1] == "--use-wandb"
+    # W&B and TensorBoard: one W&B run for every attempt, both writing into the run folder.
+    run_id = wandb_run_id(wf, "default")
+    for flag, value in [("--wandb-project", "glm"), ("--wandb-group", "default"), ("--wandb-run-id", run_id),
+                        ("--wandb-dir", str(paths.wandb)), ("--tb-experiment-name", "default")]:
+        assert argv[argv.index(flag) + 1] == value, flag
+    assert "--disable-wandb-random-suffix" in argv and "--use-tensorboard" in argv
+    assert rec["env"]["WANDB_RUN_ID"] == run_id and rec["env"]["WANDB_RESUME"] == "allow"
+    assert rec["env"]["TENSORBOARD_DIR"] == str(paths.tensorboard)
+    digest = hashlib.sha256(DUMMY_KEY.encode()).hexdigest()[:16]
+    assert rec["wandb_key_digest"] == {"driver": digest, "nodes": [digest]}  # the driver and all 8 nodes
+    leaks = [str(p) for root in (wf.base, tmp_path) for p in root.rglob("*")
+             if p.is_file() and DUMMY_KEY.encode() in p.read_bytes()]
+    assert not leaks and DUMMY_KEY not in recipe.render_text(wf, "default") and DUMMY_KEY not in " ".join(want.argv)
     for flag, value in [("--num-layers", "92"), ("--hidden-size", "5120"), ("--num-experts", "160"),
                         ("--tensor-model-parallel-size", "8"), ("--pipeline-model-parallel-size", "4"),
                         ("--expert-model-parallel-size", "16"), ("--rollout-batch-size", "128"),

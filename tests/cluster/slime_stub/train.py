@@ -17,7 +17,16 @@ from pathlib import Path
 
 ENV_KEYS = ("no_proxy", "NO_PROXY", "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy",
             "MASTER_ADDR", "PYTHONPATH", "GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME",
-            "CUDA_DEVICE_MAX_CONNECTIONS", "NVSHMEM_DISABLE_NCCL", "NCCL_NVLS_ENABLE", "RAY_ADDRESS")
+            "CUDA_DEVICE_MAX_CONNECTIONS", "NVSHMEM_DISABLE_NCCL", "NCCL_NVLS_ENABLE", "RAY_ADDRESS",
+            "WANDB_RUN_ID", "WANDB_RESUME", "TENSORBOARD_DIR")
+
+
+def key_digest() -> str | None:
+    """Which W&B key this process sees, as a digest: the record must never hold the key itself."""
+    import hashlib
+
+    key = os.environ.get("WANDB_API_KEY")
+    return hashlib.sha256(key.encode()).hexdigest()[:16] if key else None
 
 
 def flag(argv, name, default=None):
@@ -34,6 +43,13 @@ def main() -> int:
     alive = [n for n in ray.nodes() if n["Alive"]]
     record["ray"] = {"nodes": len(alive), "gpus": ray.cluster_resources().get("GPU", 0),
                      "node_ips": sorted(n["NodeManagerAddress"] for n in alive)}
+    # slime's W&B secondaries run in Ray actors on every node: each must see the job's key.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(num_cpus=0)(key_digest)
+    record["wandb_key_digest"] = {"driver": key_digest(), "nodes": sorted(set(ray.get([
+        probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+        for n in alive]), key=str))}
     save, load = Path(flag(argv, "--save")), Path(flag(argv, "--load"))
     interval, num_rollout = int(flag(argv, "--save-interval")), int(flag(argv, "--num-rollout"))
     tracker = load / "latest_checkpointed_iteration.txt"
