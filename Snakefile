@@ -42,6 +42,7 @@ include: "rules/weights.smk"
 include: "rules/convert.smk"
 include: "rules/train.smk"
 include: "rules/export.smk"
+include: "rules/report.smk"
 
 
 rule all:
@@ -51,4 +52,5 @@ rule all:
         rules.fp8.input,  # built even without FP8 rollout: SGLang serves it, and it is checked here
         rules.train.input,
         [PATHS.run(run).hf_sentinel for run in WF.runs],
+        PATHS.provenance,  # `snakemake --report report.html` shows it beside the training curves
     default_target: True

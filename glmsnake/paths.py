@@ -12,6 +12,7 @@ named once. Nothing here touches the disk.
                                          previous/<settings hash>/ (checkpoints of earlier settings),
                                          pruned_checkpoints.jsonl, disk_warning.json
     <base>/logs/<rule>[.<wildcard>].log  one log per rule; <base>/logs/<job>/ for multi-node jobs
+    <base>/report/provenance.html        every step's provenance, from the sentinels (snakemake --report)
     <base>/task-runtime/<version>/       pure-Python code that tasks in the container import
 """
 
@@ -90,6 +91,11 @@ class Paths:
     def rule_log(self, rule: str, wildcard: str | None = None) -> Path:
         """The `log:` of a rule: `logs/<rule>.log`, or `logs/<rule>.<wildcard>.log`."""
         return self.logs / (f"{rule}.{wildcard}.log" if wildcard else f"{rule}.log")
+
+    @property
+    def provenance(self) -> Path:
+        """The report's page of where every output came from (rule provenance)."""
+        return self.base / "report" / "provenance.html"
 
     def job_logs(self, job: str) -> Path:
         """A multi-node job's folder: submitit's per-task logs, Ray's node logs."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -67,12 +68,32 @@ def test_status_shows_the_finished_run(pipeline):
     assert float(cells[4]) > 0 and cells[5].startswith("eval ") and cells[7].startswith("3 (") and cells[8] == "-"
 
 
+def test_status_watch_refreshes_until_ctrl_c(pipeline):
+    import signal
+
+    wd, base = pipeline
+    cfg = wd / "config.yaml"
+    cfg.write_text((REPO / "config/config.yaml").read_text().replace("base_dir: results", f"base_dir: {base}"))
+    proc = subprocess.Popen([sys.executable, "-m", "glmsnake.cli", "status", "--configfile", str(cfg), "--watch", "0.2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)
+    assert proc.poll() is None  # still watching
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert "│ default " in out and "32/32" in out
+
+
 def test_rerun_does_nothing(pipeline):
     assert dry(pipeline) == {}
 
 
 def test_training_knob_reruns_train_and_export_only(pipeline):
-    assert dry(pipeline, "runs={default: {optimizer: {lr: 0.02}}}") == {"train_run": 1, "export_hf": 1, "all": 1}
+    assert dry(pipeline, "runs={default: {optimizer: {lr: 0.02}}}") == {"train_run": 1, "export_hf": 1, "provenance": 1, "all": 1}
+
+
+def test_turning_on_wandb_and_tensorboard_reruns_nothing(pipeline):
+    assert dry(pipeline, "runs={default: {tracking: {use_wandb: true, wandb_project: p, use_tensorboard: true}}}") == {}
 
 
 def test_save_interval_alone_reruns_nothing(pipeline):
@@ -80,9 +101,9 @@ def test_save_interval_alone_reruns_nothing(pipeline):
 
 
 def test_fp8_block_size_reruns_fp8_and_with_fp8_rollout_train(pipeline):
-    assert dry(pipeline, "overrides={convert: {fp8: {block_size: [64, 64]}}}") == {"convert_fp8": 1, "all": 1}
+    assert dry(pipeline, "overrides={convert: {fp8: {block_size: [64, 64]}}}") == {"convert_fp8": 1, "provenance": 1, "all": 1}
     jobs = dry(pipeline, "overrides={convert: {fp8: {block_size: [64, 64]}}}", "runs={default: {features: {fp8_rollout: true}}}")
-    assert jobs == {"convert_fp8": 1, "train_run": 1, "export_hf": 1, "all": 1}
+    assert jobs == {"convert_fp8": 1, "train_run": 1, "export_hf": 1, "provenance": 1, "all": 1}
 
 
 def test_resource_planner_predicts_the_tiny_outputs_within_5_percent(pipeline):
@@ -102,3 +123,51 @@ def test_resource_planner_predicts_the_tiny_outputs_within_5_percent(pipeline):
     assert kept == run.train.keep_checkpoints.last  # what the estimate holds, less the one being written
     plan = planner.plan_resources(wf)
     assert plan.disk_pending == 0 and all(t.name.endswith("(written)") for t in plan.disk.terms)
+
+
+# What a user clicks to see the curves (Results, then the training category, then the image),
+# done by the report's own functions once the page has loaded.
+CLICKS = """<script>window.addEventListener("load", () => setTimeout(() => {
+  const [path, entry] = Object.entries(results).find(([p]) => p.endsWith("train_curves.png"));
+  app.showCategory("training");
+  app.setView({content: "img", contentPath: entry.data_uri, resultPath: path});
+}, 300));</script>"""
+
+
+def test_snakemake_report_shows_the_curves_in_a_browser(pipeline, tmp_path):
+    import base64
+    import re
+    import shutil
+
+    from PIL import Image
+
+    from conftest import skip_or_fail
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        skip_or_fail("the report test looks at the page with Debian's chromium (apt install chromium; .ci/setup does)")
+    wd, base = pipeline
+    report = tmp_path / "report.html"
+    snakemake(wd, "--report", str(report), "--config", f"base_dir={base}")
+    raw = report.read_text()
+    for rule in ("download_hf", "convert_torch_dist", "convert_fp8", "train_run", "export_hf", "provenance"):
+        assert rule in raw, rule  # the rule graph
+    page = tmp_path / "clicked.html"
+    page.write_text(raw[:raw.rindex("</body>")] + CLICKS + raw[raw.rindex("</body>"):])
+    browser = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000"]
+    dom = subprocess.run([*browser, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=180).stdout
+    shot = tmp_path / "shot.png"
+    subprocess.run([*browser, "--window-size=1400,1000", f"--screenshot={shot}", page.as_uri()],
+                   capture_output=True, timeout=180)
+    # The page shows the training curves themselves: the run's PNG, rendered as an image.
+    shown = re.search(r'<img[^>]*src="data:image/png;[^",]*base64,([^"]+)"', dom)
+    assert shown, dom[-3000:]
+    assert base64.b64decode(shown.group(1)) == (base / "runs/default/train_curves.png").read_bytes()
+    assert "train_curves.png" in dom and "provenance.html" in raw and "What RL users watch" in raw
+    img = Image.open(shot).convert("RGB")
+    assert img.size == (1400, 1000) and len(img.getcolors(maxcolors=1 << 20)) > 200  # curves, not a blank page
+    # Provenance from the sentinels: every step, with its timing and versions.
+    prov = (base / "report/provenance.html").read_text()
+    for step in ("download_hf", "convert_torch_dist", "convert_fp8", "train_run [default]", "export_hf [default]"):
+        assert f"<td>{step}</td>" in prov, step
+    assert "torch 2." in prov and "ray 2." in prov

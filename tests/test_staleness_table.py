@@ -17,7 +17,7 @@ from conftest import REPO, snakemake
 from test_workflow import jobs_of
 
 TRAIN = {"train_run", "export_hf"}
-AGGREGATES = {"all", "train", "weights", "torch_dist", "fp8"}
+AGGREGATES = {"all", "train", "weights", "torch_dist", "fp8", "provenance"}  # provenance follows every sentinel
 
 
 @pytest.fixture(scope="module")

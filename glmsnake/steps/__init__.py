@@ -1,6 +1,6 @@
 """The rules' entry points: `glmsnake step NAME ...` runs one function of this package.
 
-One module per rule family (weights, convert, train, export). These are the only code
+One module per rule family (weights, convert, train, export, provenance). These are the only code
 that knows both the resolved `Workflow` and the libraries (hub, convert, trainer, launch):
 they turn the config into plain parameters, call the library, and write the sentinel last.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from glmsnake import disk
 from glmsnake.config import Workflow
-from glmsnake.steps import attempts, convert, export, train, weights
+from glmsnake.steps import attempts, convert, export, provenance, train, weights
 
 # `glmsnake step NAME` -> function(wf, **options); options are the CLI's --sentinel/--output/--run/--name.
 STEPS = {
@@ -19,6 +19,7 @@ STEPS = {
     "convert-fp8": convert.convert_fp8,
     "train": train.train_run,
     "export-hf": export.export_hf,
+    "provenance": provenance.provenance,
 }
 
 

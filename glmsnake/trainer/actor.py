@@ -169,13 +169,14 @@ class TrainWorker:
                 b = pack([samples[i] for i in mi], self.pad_id, self.device)
                 width = b["ids"].shape[1]
                 o, a = old[mi, :width], adv[mi, :width]
-                lp, ent = token_logprobs(self.model, b, s.rollout.rollout_temperature, with_entropy=s.grpo.entropy_coef != 0)
+                # Entropy always, as slime logs it (train/entropy_loss); in the loss only with entropy_coef.
+                lp, ent = token_logprobs(self.model, b, s.rollout.rollout_temperature, with_entropy=True)
                 pg, pst = policy_loss(lp, o, a, b["mask"], s.grpo.advantage_estimator, s.grpo.eps_clip, s.grpo.eps_clip_high)
                 if s.grpo.use_tis:
                     pg = pg * tis_weights(o, b["rollout_logp"])
                 per_sample = masked_sample_mean(pg, b["mask"])
                 loss_s = per_sample
-                if ent is not None:
+                if s.grpo.entropy_coef != 0:
                     loss_s = loss_s - s.grpo.entropy_coef * masked_sample_mean(ent, b["mask"])
                 if s.grpo.use_kl_loss and s.grpo.kl_loss_coef > 0 and ref is not None:
                     kl = approx_kl(lp, ref[mi, :width], s.kl_loss_type)

@@ -254,3 +254,29 @@ def test_stale_ray_temp_folders_are_swept(slurm_cluster, tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"rj{running}n0", "rjabc", "keep"])
     finally:
         subprocess.run(["scancel", running], check=False)
+
+
+def test_status_names_the_running_training_jobs_slurm_state(slurm_cluster, tmp_path):
+    """`glmsnake status` asks squeue about a run's newest training job (its submitit folder's id)."""
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "config.yaml"
+    base = tmp_path / "base"
+    cfg.write_text(f"base_dir: {base}\nlauncher: slurm\nslurm: {{partition: debug}}\n"
+                   "runs: {default: {train: {backend: local}}}\n")
+    running = subprocess.run(["sbatch", "--parsable", "-p", "debug", "-o", "/dev/null", "--wrap", "sleep 120"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        for job in ("7", running):  # an older job's folder, and the newest
+            (base / "logs" / "train_default" / "submitit" / job).mkdir(parents=True)
+        deadline = time.monotonic() + 60
+        while slurm.squeue_state(running)[0] != "RUNNING" and time.monotonic() < deadline:
+            time.sleep(0.5)
+        out = subprocess.run([sys.executable, "-m", "glmsnake.cli", "status", "--configfile", str(cfg)],
+                             capture_output=True, text=True, check=True).stdout
+        row = next(line for line in out.splitlines() if line.startswith("│ default "))
+        cells = [c.strip() for c in row.strip("│").split("│")]
+        assert cells[3] == "0/32" and cells[6] == "none" and cells[8].startswith(f"{running} RUNNING on node"), row
+    finally:
+        subprocess.run(["scancel", running], check=False)
