@@ -108,7 +108,7 @@ def test_slime_driver_contract_on_8_nodes(slurm_cluster, container_images, tmp_p
     assert rec["env"]["WANDB_RUN_ID"] == run_id and rec["env"]["WANDB_RESUME"] == "allow"
     assert rec["env"]["TENSORBOARD_DIR"] == str(paths.tensorboard)
     digest = hashlib.sha256(DUMMY_KEY.encode()).hexdigest()[:16]
-    assert rec["wandb_key_digest"] == {"driver": digest, "nodes": [digest]}  # the driver and all 8 nodes
+    assert rec["wandb_key_digest"] == {"driver": digest, "nodes": [digest], "probed": 8}  # the driver and all 8 nodes
     leaks = [str(p) for root in (wf.base, tmp_path) for p in root.rglob("*")
              if p.is_file() and DUMMY_KEY.encode() in p.read_bytes()]
     assert not leaks and DUMMY_KEY not in recipe.render_text(wf, "default") and DUMMY_KEY not in " ".join(want.argv)

@@ -47,9 +47,9 @@ def main() -> int:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     probe = ray.remote(num_cpus=0)(key_digest)
-    record["wandb_key_digest"] = {"driver": key_digest(), "nodes": sorted(set(ray.get([
-        probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
-        for n in alive]), key=str))}
+    seen = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+                    for n in alive])
+    record["wandb_key_digest"] = {"driver": key_digest(), "nodes": sorted(set(seen), key=str), "probed": len(seen)}
     save, load = Path(flag(argv, "--save")), Path(flag(argv, "--load"))
     interval, num_rollout = int(flag(argv, "--save-interval")), int(flag(argv, "--num-rollout"))
     tracker = load / "latest_checkpointed_iteration.txt"
