@@ -27,7 +27,10 @@ def _workflow(args: argparse.Namespace):
 def cmd_render(args: argparse.Namespace) -> int:
     from glmsnake.recipe import render_text
 
+    from glmsnake.resolve import refuse_over_budget
+
     wf = _workflow(args)
+    refuse_over_budget(wf)  # the command it prints would not fit either
     runs = [args.run] if args.run else list(wf.runs)
     for run in runs:
         if run not in wf.runs:
@@ -106,6 +109,16 @@ def cmd_preflight(args: argparse.Namespace) -> int:
     return check_cluster(_workflow(args), args.run, args.nodes)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if value < 0.1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds of at least 0.1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glmsnake", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -142,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = with_config(sub.add_parser("status", help="every run: progress, last reward, checkpoints, Slurm job"))
     st.add_argument("run", nargs="?")
-    st.add_argument("--watch", type=float, nargs="?", const=10.0, default=None, metavar="SECONDS",
+    st.add_argument("--watch", type=_seconds, nargs="?", const=10.0, default=None, metavar="SECONDS",
                     help="refresh every SECONDS (default 10) until Ctrl-C")
     st.set_defaults(func=cmd_status)
 

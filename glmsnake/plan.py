@@ -44,12 +44,17 @@ def parse_dry_run(text: str) -> list[PlannedJob]:
     return jobs
 
 
+def run_of(wildcards: str) -> str | None:
+    """The `run` wildcard of a dry run's `wildcards: run=..., ...` line."""
+    return dict(kv.split("=", 1) for kv in wildcards.split(", ") if "=" in kv).get("run")
+
+
 def allocation_of(wf: config.Workflow, rule: str, wildcards: str) -> str:
     if rule == "convert_torch_dist":
         a = wf.preset.convert.torch_dist.allocation
         return f"{a.nodes} x {a.gpus_per_node} GPU (submitit)"
     if rule == "train_run":
-        run = dict(kv.split("=", 1) for kv in wildcards.split(", ") if "=" in kv).get("run")
+        run = run_of(wildcards)
         a = wf.runs[run].train.allocation if run in wf.runs else wf.preset.train.allocation
         return f"{a.nodes} x {a.gpus_per_node} GPU (submitit + Ray)"
     if rule == "convert_fp8" and wf.preset.convert.fp8.device != "cpu":

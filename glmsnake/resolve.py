@@ -147,8 +147,6 @@ def load(user_config: dict[str, Any] | None, config_file: str | Path | None = No
     origin = project_dir(config_file) if config_file is not None else None
     wf = Workflow(user=user, preset=preset, runs=runs, project_dir=origin)
     problems = workflow_problems(wf) + [f"{p}\n    fix: {f}" for p, f in input_problems(wf)]
-    if not problems:  # the estimates need a valid layout
-        problems = [f.text() for f in planner.config_findings(wf) if f.level == "error"]
     if problems:
         raise GlmsnakeError("impossible configuration:\n  " + "\n  ".join(problems), "see each fix above")
     return wf
@@ -175,10 +173,21 @@ def for_snakefile(config: dict[str, Any], configfiles: list) -> Workflow:
     with refused_without_traceback():
         wf = load(config, files[0] if files else None)
         check_launcher(wf)  # slime on the local launcher: refused before the first download
-    if not os.environ.get(knobs.CONFIG.name):  # once, in the main process: not again in every job
-        warn(f for f in planner.config_findings(wf) if f.level == "warning")
+        # Once, in the main process: jobs (re-parsing the Snakefile on a node) run what it accepted.
+        if not os.environ.get(knobs.CONFIG.name):
+            refuse_over_budget(wf)
     export_to_env(config, files)
     return wf
+
+
+def refuse_over_budget(wf: Workflow) -> None:
+    """A run whose estimated GPU, rollout or host memory exceeds the hardware is refused with its fixes;
+    above 90% is a warning. (Inspecting commands, `status`, `verify`, `plan --resources`, never refuse.)"""
+    findings = planner.config_findings(wf)
+    warn(f for f in findings if f.level == "warning")
+    errors = [f.text() for f in findings if f.level == "error"]
+    if errors:
+        raise GlmsnakeError("impossible configuration:\n  " + "\n  ".join(errors), "see each fix above")
 
 
 def warn(findings) -> None:

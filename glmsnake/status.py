@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,8 +24,22 @@ def slurm_job_state(job_logs: Path) -> str:
     if not folders or not shutil.which("squeue"):
         return ""
     newest = max(folders, key=lambda p: int(p.name))
-    state, nodes = squeue_state(newest.name)
+    try:
+        state, nodes = squeue_state(newest.name)
+    except (OSError, subprocess.SubprocessError):
+        return f"{newest.name} (squeue did not answer)"
     return f"{newest.name} {state}" + (f" on {nodes}" if nodes and state == "RUNNING" else "") if state else ""
+
+
+def kept_bytes(root: Path, count: int) -> int | None:
+    """What the kept checkpoints take: count x the size of the one the tracker names (one folder
+    walked, not all of them: --watch repeats this). None when it cannot be read right now (pruning
+    renames folders while training runs)."""
+    try:
+        one = retention.checkpoint_bytes(root)
+    except OSError:
+        return None
+    return None if one is None else count * one
 
 
 def run_row(wf: Workflow, name: str) -> dict[str, Any]:
@@ -46,7 +61,7 @@ def run_row(wf: Workflow, name: str) -> dict[str, Any]:
         "reward": ro[-1].get(names.REWARD) if ro else None,
         "eval": {k: evals[-1][f"eval/{k}"] for k in names.eval_sets(evals[-1])} if evals else {},
         "checkpoint": "none" if latest is None else f"iter {latest}" + (" (finished)" if finished else ""),
-        "kept": len(kept), "kept_bytes": sum(disk.bytes_under(rp.checkpoints / f"iter_{i:07d}") for i in kept),
+        "kept": len(kept), "kept_bytes": kept_bytes(rp.checkpoints, len(kept)),
         "job": "" if finished or wf.user.launcher != "slurm" else slurm_job_state(wf.paths.job_logs(f"train_{name}")),
         "notes": [],
     }
@@ -83,7 +98,8 @@ def render(wf: Workflow, runs: list[str]):
         table.add_row(r["run"], r["backend"], ProgressBar(total=max(1, r["total"]), completed=r["done"], width=20),
                       f"{r['done']}/{r['total']}", "-" if r["reward"] is None else f"{r['reward']:.3f}",
                       ", ".join(f"{k} {v:.3f}" for k, v in r["eval"].items()) or "-", r["checkpoint"],
-                      f"{r['kept']} ({disk.human(r['kept_bytes'])})", r["job"] or "-")
+                      f"{r['kept']}" + (f" ({disk.human(r['kept_bytes'])})" if r["kept_bytes"] is not None else ""),
+                      r["job"] or "-")
     notes = [Text.from_markup(f"  {r['run']}: {n}") for r in rows for n in r["notes"]]
     return Group(*(Text(s) for s in steps), table, *notes)
 

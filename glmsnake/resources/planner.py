@@ -11,7 +11,7 @@ estimated again, and named only if the result fits.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from glmsnake import disk
 from glmsnake.resources import host, rollout, storage, timing, training
@@ -59,13 +59,14 @@ class ResourcePlan:
     def errors(self) -> list[Finding]:
         return [f for f in self.findings if f.level == "error"]
 
-    @property
-    def warnings(self) -> list[Finding]:
-        return [f for f in self.findings if f.level == "warning"]
-
 
 def gpu_bytes(preset: "Preset") -> float:
     return preset.hardware.gpu_memory_gib * GIB
+
+
+def quota_bytes(preset: "Preset") -> float | None:
+    q = preset.hardware.base_dir_quota_tib
+    return q * 2**40 if q else None
 
 
 def plan_run(preset: "Preset", run: "Run") -> RunPlan:
@@ -224,7 +225,7 @@ def _fixes(preset: "Preset", run: "Run", fits: Callable[[RunPlan], bool],
 def disk_findings(wf: "Workflow", est: Estimate, pending: float,
                   running: set[tuple[str, str | None]] | None = None) -> tuple[list[Finding], float]:
     free = disk.free_bytes(wf.base)
-    quota = wf.preset.hardware.base_dir_quota_tib * 2**40 if wf.preset.hardware.base_dir_quota_tib else None
+    quota = quota_bytes(wf.preset)
     out = []
     if pending > free:
         out.append(Finding("error", "base_dir", f"the outputs still to write need {disk.human(pending)} under "
@@ -275,12 +276,3 @@ def base_dir_findings(wf: "Workflow", running: set[tuple[str, str | None]] | Non
     (they change, the config does not)."""
     est, pending = storage.disk_estimate(wf, running)
     return disk_findings(wf, est, pending, running)[0]
-
-
-def summary(plan: ResourcePlan) -> dict[str, Any]:
-    """Figures a one-line-per-step summary needs (glmsnake plan)."""
-    out = {}
-    for name, rp in plan.runs.items():
-        used, worst = training_peak(rp)
-        out[name] = {"gpu": used, "stage": worst.what.split(", ")[1], "host": rp.host.total}
-    return out

@@ -85,8 +85,7 @@ def print_resources(wf: "Workflow", run: str | None, explain: bool) -> int:
                 + (f": at full length they run in about {waves:.1f} waves (queued, not failed)" if waves > 1 else ""))
         console.print(line, soft_wrap=True)
         console.print(_table(rp.host, explain, hw.host_memory_gib * GIB))
-    quota = hw.base_dir_quota_tib * 2**40 if hw.base_dir_quota_tib else None
-    console.print(_table(plan.disk, explain, quota, unit=disk.human))
+    console.print(_table(plan.disk, explain, planner.quota_bytes(wf.preset), unit=disk.human))
     console.print(f"  still to write: {disk.human(plan.disk_pending)}; free under {wf.base} now: {disk.human(plan.disk_free)}")
     t = _table(plan.times, explain, unit=_seconds)
     console.print(t)
@@ -113,7 +112,9 @@ def step_needs(wf: "Workflow", rule: str, wildcards: str, plan: "planner.Resourc
         return f"disk {size('torch_dist')}, ~{_seconds(times.get('torch_dist', 0))}"
     if rule == "convert_fp8":
         return f"disk {size('FP8 weights')}, ~{_seconds(times.get('FP8', 0))}"
-    run = dict(kv.split("=", 1) for kv in wildcards.split(", ") if "=" in kv).get("run")
+    from glmsnake.plan import run_of
+
+    run = run_of(wildcards)
     if rule == "train_run" and run in plan.runs:
         used, worst = planner.training_peak(plan.runs[run])
         gpu = planner.gpu_bytes(wf.preset)

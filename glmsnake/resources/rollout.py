@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from glmsnake.resources.shapes import PROMPT_TOKENS, ModelShape
+from glmsnake.resources.storage import BF16, FP8
 from glmsnake.resources.terms import Estimate
 from glmsnake.resources.training import CONTEXT_BYTES
 
-BF16, FP8 = 2, 1
 KV_BYTES = 2  # bf16 K and V
 DEFAULT_MEM_FRACTION = 0.9  # SGLang's own default where the config sets none (an upper bound)
 

@@ -1,12 +1,12 @@
 """What the estimates need of a model and of a training layout, from the config or from a probe.
 
-Kept apart from the config models so that the GPU measurements (plain dicts, glmsnake/resources/
-probes.py) and a preset's run go through the very same arithmetic.
+Kept apart from the config models so that the GPU measurements (plain dicts, as recorded in
+tests/fixtures/gpu_memory_h200.json) and a preset's run go through the very same arithmetic.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -123,16 +123,15 @@ class TrainLayout:
     def expert_dp(self) -> int:
         return max(1, self.gpus // (self.ep * self.etp * self.pp))
 
-    def with_(self, **changes) -> "TrainLayout":
-        return replace(self, **changes)
-
     @classmethod
     def of(cls, preset: "Preset", run: "Run") -> "TrainLayout":
         p, alloc = run.perf, run.train.allocation
+        sample = -(-(PROMPT_TOKENS + run.rollout.rollout_max_response_len) // p.context_parallel_size)
         if p.use_dynamic_batch_size and p.max_tokens_per_gpu:
-            tokens = p.max_tokens_per_gpu
+            # slime packs micro-batches up to max_tokens_per_gpu, but a longer sample gets one of its own.
+            tokens = max(p.max_tokens_per_gpu, sample)
         else:
-            tokens = (p.micro_batch_size or 1) * (PROMPT_TOKENS + run.rollout.rollout_max_response_len) // p.context_parallel_size
+            tokens = (p.micro_batch_size or 1) * sample
         recompute = {"full": "full", "selective": "selective"}.get(p.recompute_granularity or "", "none")
         return cls(gpus=alloc.nodes * alloc.gpus_per_node, tp=p.tensor_model_parallel_size,
                    pp=p.pipeline_model_parallel_size, cp=p.context_parallel_size, ep=p.expert_model_parallel_size,
@@ -141,8 +140,7 @@ class TrainLayout:
                    attention="unfused" if run.misc.attention_backend == "local" else "flash",
                    grads_fp32=run.misc.accumulate_allreduce_grads_in_fp32,
                    cpu_offload=run.optimizer.optimizer_cpu_offload,
-                   extra_logit_bytes=(ENTROPY_LOGIT if run.grpo.entropy_coef else 0)
-                   + (TEMPERATURE_LOGIT if run.rollout.rollout_temperature != 1 else 0))
+                   extra_logit_bytes=ENTROPY_LOGIT + (TEMPERATURE_LOGIT if run.rollout.rollout_temperature != 1 else 0))
 
     @classmethod
     def of_probe(cls, p: dict) -> "TrainLayout":
@@ -152,7 +150,7 @@ class TrainLayout:
 
 
 # slime computes log-probs and entropy from the same fp32 logits (counted from its code, not measured):
-ENTROPY_LOGIT = 4  # with entropy_coef != 0 the fp32 logits stay for backward, and the entropy's gradient
+ENTROPY_LOGIT = 4  # its policy loss always computes the entropy in the graph: the fp32 logits stay for backward
 TEMPERATURE_LOGIT = 4  # logits / temperature is one more fp32 copy when the temperature is not 1
 
 # Prompt length where the config has none (slime truncates nothing by default): an assumption,

@@ -7,11 +7,14 @@ checkpoint's optimizer state), never from reading an output, so a dry run stays 
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import TYPE_CHECKING
 
 from glmsnake import model_size, retention
 from glmsnake.disk import human
 from glmsnake.resources.terms import Estimate, count
+from glmsnake.resources.training import OPTIMIZER
 
 if TYPE_CHECKING:
     from glmsnake.config import Run, Workflow
@@ -24,15 +27,20 @@ BF16, FP32, FP8 = 2, 4, 1
 HF_PER_TENSOR = 200
 DCP_PER_ITEM = 1600
 FOLDER_FILES = 12 * 1024
-OPTIMIZER = 12  # fp32 master weight and Adam's two moments, per trained parameter
 
 
 def tensor_counts(m: "ModelArgs") -> tuple[int, int]:
     """(HF tensors, torch_dist items: tensors and extra states) from the name mapping the converters use."""
+    return _tensor_counts(m.model_dump_json())
+
+
+@functools.lru_cache(maxsize=8)
+def _tensor_counts(model_json: str) -> tuple[int, int]:
     from glmsnake.convert.arch import hf_fields
     from glmsnake.convert.megatron_names import GlmArch, units
+    from glmsnake.recipe.args import ModelArgs
 
-    us = units(GlmArch.from_hf_config(hf_fields(m)))
+    us = units(GlmArch.from_hf_config(hf_fields(ModelArgs.model_validate_json(model_json))))
     return sum(len(u.hf_keys) for u in us), sum(len(u.tensors) + len(u.extra_states) for u in us)
 
 
@@ -85,15 +93,37 @@ def checkpoint_bytes(m: "ModelArgs", run: "Run") -> float:
 
 
 def checkpoints_kept(run: "Run") -> tuple[int, str]:
-    """How many checkpoints a run holds at once at most, and why."""
-    saves = max(1, run.rollout.num_rollout // run.train.save_interval)
+    """How many checkpoints a run holds at once at most, and why: the saves are every
+    `save_interval`-th rollout and the last; retention keeps the last K, every milestone
+    iteration i with (i + 1) % every == 0, and the one being written."""
+    n, every = run.rollout.num_rollout, run.train.save_interval
+    saves = [i for i in range(n) if (i + 1) % every == 0 or i == n - 1]
     keep = run.train.keep_checkpoints
     if keep is None:
-        return saves, f"every save kept: {run.rollout.num_rollout} rollouts / save_interval {run.train.save_interval}"
-    milestones = saves // keep.every if keep.every else 0
-    held = min(saves, keep.last + 1 + milestones)
-    return held, (f"keep_checkpoints last {keep.last} (+1 being written) + {milestones} milestone(s), "
-                  f"of {saves} saves")
+        return len(saves), f"every save kept: {len(saves)} saves of {n} rollouts (save_interval {every})"
+    milestones = [i for i in saves if keep.every and (i + 1) % keep.every == 0]
+    held = min(len(saves), keep.last + 1 + len(milestones))
+    return held, (f"keep_checkpoints last {keep.last} (+1 being written) + {len(milestones)} milestone(s), "
+                  f"of {len(saves)} saves")
+
+
+def resumable(wf: "Workflow", name: str) -> int:
+    """Checkpoints the run already has that its next attempt resumes from (so needs no room for):
+    none when changed settings move them aside (they stay on disk, under previous/)."""
+    from glmsnake import staleness
+    from glmsnake.steps import lineage
+
+    root = wf.paths.run(name).checkpoints
+    present = retention.present(root)
+    if not present:
+        return 0
+    record = root / lineage.RECORD
+    try:
+        old = json.loads(record.read_text())["key"] if record.is_file() else None
+    except (OSError, ValueError, KeyError):
+        return 0
+    decision = lineage.decide(old, staleness.train(wf, name), wf.runs[name].train.on_change, present[-1])
+    return len(present) if decision.action == "resume" else 0
 
 
 def disk_estimate(wf: "Workflow", running: set[tuple[str, str | None]] | None = None) -> tuple[Estimate, float]:
@@ -128,7 +158,7 @@ def disk_estimate(wf: "Workflow", running: set[tuple[str, str | None]] | None = 
         one = checkpoint_bytes(m, run)
         kind = (f"{model_size.CHECKPOINT_BYTES_PER_PARAMETER} B a parameter with optimizer state" if run.train.backend == "slime"
                 else "weights + the local trainer's fp32 optimizer state")
-        there = min(held, len(retention.present(rp.checkpoints)))  # a resumed run already has these
+        there = min(held, resumable(wf, name))  # a resumed run already has these
         add(f"run {name}: checkpoints", held * one, f"{held} x {human(one)} ({kind}); {why}", rp.sentinel.exists(),
             ("train_run", name), there * one)
         add(f"run {name}: HF export", hf_bytes(m), "bf16, as the input", rp.hf_sentinel.exists(), ("export_hf", name))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-GB = 1e9
 GIB = 1 << 30
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from glmsnake.resources.shapes import ModelShape, TrainLayout
-from glmsnake.resources.terms import Estimate, gib
+from glmsnake.resources.terms import Estimate
 
 # ---- measured constants (H200, torch 2.11 + CUDA 13, megatron-core 0.19.2)
 CONTEXT_BYTES = 2.6e9  # device memory outside PyTorch's allocator: CUDA context, NCCL (2,595,028,992 B measured)
@@ -185,7 +185,3 @@ def training_estimates(shape: ModelShape, lay: TrainLayout) -> list[Estimate]:
 
 def peak_allocated(shape: ModelShape, lay: TrainLayout) -> float:
     return max(e.total for e in training_estimates(shape, lay))
-
-
-def describe(est: Estimate) -> str:
-    return f"{est.what}: {gib(est.total)}"

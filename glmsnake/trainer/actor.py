@@ -178,6 +178,8 @@ class TrainWorker:
                 loss_s = per_sample
                 if s.grpo.entropy_coef != 0:
                     loss_s = loss_s - s.grpo.entropy_coef * masked_sample_mean(ent, b["mask"])
+                else:
+                    ent = ent.detach()  # logged only: nothing of it kept for backward
                 if s.grpo.use_kl_loss and s.grpo.kl_loss_coef > 0 and ref is not None:
                     kl = approx_kl(lp, ref[mi, :width], s.kl_loss_type)
                     kls = masked_sample_mean(kl, b["mask"])
@@ -189,8 +191,7 @@ class TrainWorker:
                 agg.setdefault("pg_loss", []).extend(per_sample.tolist())
                 agg.setdefault("ppo_kl", []).extend(pst["ppo_kl"].tolist())
                 agg.setdefault("pg_clipfrac", []).extend(pst["pg_clipfrac"].tolist())
-                if ent is not None:
-                    agg.setdefault("entropy", []).extend(masked_sample_mean(ent.detach(), b["mask"]).tolist())
+                agg.setdefault("entropy", []).extend(masked_sample_mean(ent.detach(), b["mask"]).tolist())
             gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.clip_grad)
             agg.setdefault("grad_norm", []).append(float(gn))
             self.opt.step()

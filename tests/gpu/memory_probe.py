@@ -1,6 +1,6 @@
 """Measure a GLM-4-MoE-shaped training step's GPU memory with megatron-core (needs a CUDA GPU).
 
-For each probe configuration (glmsnake/resources/probes.py: dense and MoE, under 1 GB up to a
+For each probe configuration (tests/gpu/probes.py: dense and MoE, under 1 GB up to a
 few billion parameters, 2k to 16k tokens, no, selective and full recompute, MTP on and off), one fresh
 process builds a megatron-core GPTModel with the local layer spec (no Transformer Engine: the
 attention is megatron-core's unfused DotProductAttention), wraps it in megatron-core's DDP with
@@ -146,7 +146,7 @@ def main() -> int:
     ap.add_argument("--only", default="")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child: measure this probe and print JSON
     args = ap.parse_args()
-    from glmsnake.resources.probes import PROBES
+    from probes import PROBES  # beside this script
 
     if args.one:
         print("RESULT " + json.dumps(measure_one(PROBES[args.one])), flush=True)

@@ -1,8 +1,7 @@
 """The GLM-4-MoE-shaped models whose training-step memory was measured on an H200.
 
-Plain data, shared by the probe (tests/gpu/memory_probe.py, on the GPU machine) and the CPU
-test that checks the planner against the recorded measurements
-(tests/fixtures/gpu_memory_h200.json). GLM-4-MoE's shape throughout: QK norm, QKV bias,
+Plain data for the probe (tests/gpu/memory_probe.py, on the GPU machine); each measurement in
+tests/fixtures/gpu_memory_h200.json carries its probe, which the planner's CPU test reads. GLM-4-MoE's shape throughout: QK norm, QKV bias,
 partial rotary 0.5, SwiGLU, sigmoid router with expert bias, one shared expert, dense first
 layers, untied embeddings, the GLM vocabulary; TP = PP = EP = 1, micro-batch of one sequence.
 `recompute`: none, selective (megatron-core's core attention) or full (uniform, `recompute_layers`
