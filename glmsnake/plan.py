@@ -14,6 +14,7 @@ from pathlib import Path
 
 from glmsnake import REPO_ROOT, config, resolve
 from glmsnake.errors import GlmsnakeError
+from glmsnake.resources.report import run_of
 
 
 @dataclass
@@ -42,11 +43,6 @@ def parse_dry_run(text: str) -> list[PlannedJob]:
         elif key == "wildcards":
             jobs[-1].wildcards = value
     return jobs
-
-
-def run_of(wildcards: str) -> str | None:
-    """The `run` wildcard of a dry run's `wildcards: run=..., ...` line."""
-    return dict(kv.split("=", 1) for kv in wildcards.split(", ") if "=" in kv).get("run")
 
 
 def allocation_of(wf: config.Workflow, rule: str, wildcards: str) -> str:

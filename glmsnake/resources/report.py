@@ -97,6 +97,11 @@ def print_resources(wf: "Workflow", run: str | None, explain: bool) -> int:
     return 2 if plan.errors else 0
 
 
+def run_of(wildcards: str) -> str | None:
+    """The `run` wildcard of a dry run's `wildcards: run=..., ...` line."""
+    return dict(kv.split("=", 1) for kv in wildcards.split(", ") if "=" in kv).get("run")
+
+
 def step_needs(wf: "Workflow", rule: str, wildcards: str, plan: "planner.ResourcePlan") -> str:
     """One line per step for `glmsnake plan`: what it needs of the budgets."""
     by_name = {t.name: t for t in plan.disk.terms}
@@ -112,8 +117,6 @@ def step_needs(wf: "Workflow", rule: str, wildcards: str, plan: "planner.Resourc
         return f"disk {size('torch_dist')}, ~{_seconds(times.get('torch_dist', 0))}"
     if rule == "convert_fp8":
         return f"disk {size('FP8 weights')}, ~{_seconds(times.get('FP8', 0))}"
-    from glmsnake.plan import run_of
-
     run = run_of(wildcards)
     if rule == "train_run" and run in plan.runs:
         used, worst = planner.training_peak(plan.runs[run])
