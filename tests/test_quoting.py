@@ -65,6 +65,6 @@ def test_rule_shell_lines_quote_every_value():
 
     lines = [line for p in sorted(Path(__file__).resolve().parent.parent.glob("rules/*.smk"))
              for line in p.read_text().splitlines() if line.strip().startswith('"glmsnake step')]
-    assert len(lines) == 6
+    assert len(lines) == 7  # one per rule: download_hf, download_dataset, two conversions, train, export, provenance
     fields = [f for line in lines for f in re.findall(r"\{([^}]*)\}", line)]
     assert fields and [f for f in fields if not f.endswith(":q")] == []
