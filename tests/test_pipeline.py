@@ -74,9 +74,12 @@ def test_status_watch_refreshes_until_ctrl_c(pipeline):
     wd, base = pipeline
     cfg = wd / "config.yaml"
     cfg.write_text((REPO / "config/config.yaml").read_text().replace("base_dir: results", f"base_dir: {base}"))
+    # A shell's background job starts with SIGINT ignored (so does this test under a backgrounded CI
+    # run), and Python then keeps it ignored: give the command the default, as a terminal's Ctrl-C has.
     proc = subprocess.Popen([sys.executable, "-m", "glmsnake.cli", "status", "--configfile", str(cfg), "--watch", "0.2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(4)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(8)  # past its start-up, watching
     assert proc.poll() is None  # still watching
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
