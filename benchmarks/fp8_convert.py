@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from glmsnake import publish
-from glmsnake.convert import fp8, fp8_kernel, fp8_plan, fp8_shard
+from glmsnake.architectures import ARCHITECTURES
+from glmsnake.convert import fp8, fp8_kernel, fp8_shard
 
 HIDDEN, Q_OUT, MOE_FFN = 5120, 12288, 1536
 SHARD_BYTES = 512 << 20
@@ -142,7 +143,7 @@ def baseline_convert(src: Path, dst: Path, workers: int, device: str, block=(128
         tensors = load_file(path, device=device)  # the whole shard
         out = {}
         for k, w in tensors.items():
-            if fp8_plan.QUANTIZED_WEIGHT.search(k) and w.dim() == 2:
+            if ARCHITECTURES["glm4_moe"].quantized_weight.search(k) and w.dim() == 2:
                 q, s = baseline_quantize(w, block)
                 out[k], out[k.removesuffix("weight") + "weight_scale_inv"] = q.cpu(), s.cpu()
             else:

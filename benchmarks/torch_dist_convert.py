@@ -46,9 +46,9 @@ def synthetic_checkpoint(out: Path, cfg: dict) -> dict[str, int]:
     import torch
     from safetensors.torch import save_file
 
-    from glmsnake.convert import megatron_names as names
+    from glmsnake import architectures
 
-    arch = names.GlmArch.from_hf_config(cfg)
+    arch = architectures.shape(cfg)
     h, d = cfg["hidden_size"], cfg["head_dim"]
     shapes = {
         "self_attn.q_proj.weight": (cfg["num_attention_heads"] * d, h), "self_attn.k_proj.weight": (cfg["num_key_value_heads"] * d, h),
@@ -73,7 +73,7 @@ def synthetic_checkpoint(out: Path, cfg: dict) -> dict[str, int]:
     out.mkdir(parents=True, exist_ok=True)
     weight_map, per_layer = {}, {}
     gen = torch.Generator().manual_seed(0)
-    for u in names.units(arch):
+    for u in architectures.units(arch):
         keys = u.hf_keys
         tensors = {}
         for k in keys:

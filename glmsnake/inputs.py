@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from glmsnake.config import Workflow
-from glmsnake.convert.arch import check_hf_config
+from glmsnake.architectures import check_hf_config
 from glmsnake.disk import existing_ancestor
 from glmsnake.errors import GlmsnakeError
 from glmsnake.paths import Paths

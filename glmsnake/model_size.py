@@ -1,8 +1,8 @@
-"""How big a GLM-4-MoE is, from its MODEL args: parameters, and bytes per training checkpoint.
+"""How big a GLM MoE is, from its MODEL args: parameters, and bytes per training checkpoint.
 
 One count serves the disk guard (room for checkpoints before a job is submitted) and the
-resource estimates. It follows the tensors the converters write (convert/megatron_names.py):
-attention with optional QKV bias and QK norm, dense MLPs in the first layers, routed experts
+resource estimates. It follows the tensors the converters write (glmsnake/architectures/):
+the architecture's attention tensors, dense MLPs in the first layers, routed experts
 plus shared experts and a router in the others, and the MTP layers (each a full MoE layer plus
 its input projection and norms).
 """
@@ -17,9 +17,8 @@ CHECKPOINT_BYTES_PER_PARAMETER = 2 + 4 + 4 + 4
 
 
 def layer_parameters(m: ModelArgs, moe: bool) -> int:
-    h, q, kv = m.hidden_size, m.num_attention_heads * m.kv_channels, m.num_query_groups * m.kv_channels
-    attention = h * q + 2 * h * kv + q * h + (q + 2 * kv if m.add_qkv_bias else 0)
-    attention += 2 * m.kv_channels if m.qk_layernorm else 0
+    h = m.hidden_size
+    attention = attention_parameters(m)
     norms = 2 * h  # input and pre-MLP layer norms
     if not moe:
         return attention + norms + 3 * h * m.ffn_hidden_size  # SwiGLU: gate, up, down
@@ -27,6 +26,14 @@ def layer_parameters(m: ModelArgs, moe: bool) -> int:
     shared = 3 * h * m.moe_shared_expert_intermediate_size
     router = m.num_experts * h + (m.num_experts if m.moe_router_enable_expert_bias else 0)
     return attention + norms + experts + shared + router
+
+
+def attention_parameters(m: ModelArgs) -> int:
+    from math import prod
+
+    from glmsnake import architectures
+
+    return sum(prod(s) for s in architectures.of_model_args(m).attention_shapes(m))
 
 
 def parameter_count(m: ModelArgs) -> int:

@@ -21,6 +21,36 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def pipeline_layers(num_layers: int, pp: int, first: int | None, last: int | None) -> list[int]:
+    """Layers per pipeline stage, as Megatron splits them: the stated first/last counts, the rest evenly."""
+    if pp == 1:
+        return [num_layers]
+    middle = pp - (first is not None) - (last is not None)
+    rest = num_layers - (first or 0) - (last or 0)
+    each = rest // middle if middle else 0
+    return ([first] if first is not None else []) + [each] * middle + ([last] if last is not None else [])
+
+
+def _pipeline_split(layers: int, pp: int, first: int | None, last: int | None) -> list[tuple[str, str]]:
+    """Megatron's own rule: without first/last counts PP divides the layers; with them, the
+    remaining stages share the remaining layers evenly."""
+    if first is None and last is None:
+        if layers % pp:
+            return [(f"PP={pp} does not divide the {layers} layers",
+                     f"set perf.decoder_last_pipeline_num_layers (e.g. {layers - (pp - 1) * (layers // pp)} puts "
+                     f"{layers // pp} layers on each other stage), or a PP dividing {layers}")]
+        return []
+    if pp == 1:
+        return [("decoder_first/last_pipeline_num_layers need pipeline parallelism", "set pipeline_model_parallel_size >= 2, or drop them")]
+    middle = pp - (first is not None) - (last is not None)
+    rest = layers - (first or 0) - (last or 0)
+    if rest < 0 or (middle and rest % middle) or (not middle and rest):
+        return [(f"with {first or 0} layers first and {last or 0} last, the other {middle} pipeline stages cannot "
+                 f"split the remaining {rest} of {layers} layers evenly",
+                 "choose decoder_first/last_pipeline_num_layers so that the rest divides evenly")]
+    return []
+
+
 def check_run(preset: "Preset", run: "Run") -> list[tuple[str, str]]:
     """All layout problems of one run, as (problem, fix) pairs."""
     m, p, alloc = preset.model, run.perf, run.train.allocation
@@ -43,7 +73,7 @@ def check_run(preset: "Preset", run: "Run") -> list[tuple[str, str]]:
                     f"set train.allocation.gpus_per_node <= {preset.hardware.gpus_per_node}, or hardware.gpus_per_node "
                     "to what your nodes have (overrides: {hardware: ...})"))
 
-    for what, n in (("attention heads", m.num_attention_heads), ("query groups", m.num_query_groups)):
+    for what, n in (("attention heads", m.num_attention_heads), ("query groups", m.query_groups)):
         if n % tp:
             ok = [d for d in _divisors(n) if d <= gpus]
             out.append((f"TP={tp} does not divide the {n} {what}", f"set tensor_model_parallel_size to one of {ok}"))
@@ -57,6 +87,8 @@ def check_run(preset: "Preset", run: "Run") -> list[tuple[str, str]]:
         )
     if pp > m.num_layers:
         out.append((f"PP={pp} is more than the {m.num_layers} layers", f"set pipeline_model_parallel_size <= {m.num_layers}"))
+    else:
+        out += _pipeline_split(m.num_layers, pp, p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers)
     if m.num_experts % ep:
         out.append(
             (
@@ -104,6 +136,13 @@ def check_run(preset: "Preset", run: "Run") -> list[tuple[str, str]]:
                 )
             )
 
+    r = run.rollout
+    if r.num_steps_per_rollout and r.global_batch_size and \
+            r.global_batch_size != r.rollout_batch_size * r.n_samples_per_prompt // r.num_steps_per_rollout:
+        # slime's own check at start-up (after the allocation): the two must agree.
+        out.append((f"global_batch_size={r.global_batch_size} disagrees with rollout_batch_size x n_samples_per_prompt / "
+                    f"num_steps_per_rollout = {r.rollout_batch_size} x {r.n_samples_per_prompt} / {r.num_steps_per_rollout}",
+                    "set only one of global_batch_size and num_steps_per_rollout"))
     if run.train.backend == "slime" and run.rollout.num_rollout % run.train.save_interval:
         # slime saves only on save_interval boundaries; the run's sentinel needs the final checkpoint.
         out.append(
@@ -139,8 +178,8 @@ def check_model(preset: "Preset") -> list[tuple[str, str]]:
     """MODEL args that make no GLM-4-MoE: caught here, not as a ZeroDivisionError in conversion."""
     m = preset.model
     out = []
-    if m.num_attention_heads % m.num_query_groups:
-        out.append((f"num_query_groups={m.num_query_groups} does not divide num_attention_heads={m.num_attention_heads}",
+    if m.num_attention_heads % m.query_groups:
+        out.append((f"num_query_groups={m.query_groups} does not divide num_attention_heads={m.num_attention_heads}",
                     f"set num_query_groups to one of {_divisors(m.num_attention_heads)}"))
     if m.moe_router_topk > m.num_experts:
         out.append((f"moe_router_topk={m.moe_router_topk} is more than the {m.num_experts} experts",

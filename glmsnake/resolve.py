@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from glmsnake import REPO_ROOT, knobs
+from glmsnake import REPO_ROOT, knobs, model_files
 from glmsnake.config import RUN_KEYS, Preset, Run, UserConfig, Workflow
 from glmsnake.errors import GlmsnakeError, refused_without_traceback
 from glmsnake.inputs import input_problems
@@ -85,14 +85,21 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def read_preset(name: str) -> dict[str, Any]:
+def read_preset(name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset file; one with `extends: other` is the other preset with its own keys merged on top."""
     path = PRESET_DIR / f"{name}.yaml"
     if not path.is_file():
         raise GlmsnakeError(
-            f"unknown preset {name!r}",
+            f"unknown preset {name!r}" + (f" (extended by {_seen[-1]})" if _seen else ""),
             f"set `preset:` to one of {preset_names()} (files in {PRESET_DIR})",
         )
-    return read_yaml(path)
+    data = read_yaml(path)
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if base in _seen + (name,):
+        raise GlmsnakeError(f"preset {name!r} extends {base!r}, which extends it back", "break the circle of `extends:`")
+    return deep_merge(read_preset(str(base), _seen + (name,)), data)
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -103,6 +110,39 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = copy.deepcopy(v)
     return out
+
+
+def with_model(preset_file: dict[str, Any], user: UserConfig, origin: Path | None) -> dict[str, Any]:
+    """The preset merged with the user's overrides, its `model:` resolved to MODEL args: a model
+    file's name is read before the overrides' own `model:` keys are merged onto it, `from_hf`
+    reads the weights' config.json (see model_files)."""
+    overrides = dict(user.overrides)
+    over_model = overrides.pop("model", None)
+    merged = deep_merge(preset_file, overrides)
+
+    def resolve(model: Any) -> Any:
+        return model_files.resolve_model(model, merged.get("weights", {}).get("source"), lambda: _weights_config(merged, user, origin))
+
+    model = resolve(preset_file.get("model"))
+    if isinstance(over_model, dict) and isinstance(model, dict):
+        model = deep_merge(model, over_model)
+    elif over_model is not None:
+        model = resolve(over_model)
+    merged["model"] = model
+    return merged
+
+
+def _weights_config(preset: dict[str, Any], user: UserConfig, origin: Path | None) -> Path | None:
+    """The config.json `model: from_hf` reads: the `local:` folder's, the downloaded one's, or the hub's."""
+    source = str(preset.get("weights", {}).get("source", ""))
+    start = origin or Path.cwd()
+    if source.startswith("local:"):
+        return start / Path(source.removeprefix("local:")).expanduser() / "config.json"
+    if not source.startswith("hf://"):
+        return None
+    base = Path(os.path.normpath(start / Path(user.base_dir).expanduser()))
+    downloaded = base / str(preset.get("model_name", "")) / "config.json"
+    return downloaded if downloaded.is_file() else model_files.hub_config(source, base / ".hub-configs")
 
 
 def _pretty(err: ValidationError, where: str) -> GlmsnakeError:
@@ -132,7 +172,8 @@ def load(user_config: dict[str, Any] | None, config_file: str | Path | None = No
         user = UserConfig.model_validate(raw)
     except ValidationError as e:
         raise _pretty(e, "config") from None
-    preset_raw = deep_merge(read_preset(user.preset), user.overrides)
+    origin = project_dir(config_file) if config_file is not None else None
+    preset_raw = with_model(read_preset(user.preset), user, origin)
     try:
         preset = Preset.model_validate(preset_raw)
     except ValidationError as e:
@@ -144,7 +185,6 @@ def load(user_config: dict[str, Any] | None, config_file: str | Path | None = No
             runs[name] = Run.model_validate({"name": name, **deep_merge(base, ov)})
         except ValidationError as e:
             raise _pretty(e, f"runs.{name}") from None
-    origin = project_dir(config_file) if config_file is not None else None
     wf = Workflow(user=user, preset=preset, runs=runs, project_dir=origin)
     problems = workflow_problems(wf) + [f"{p}\n    fix: {f}" for p, f in input_problems(wf)]
     if problems:

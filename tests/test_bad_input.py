@@ -102,7 +102,7 @@ def config_cases() -> list[Case]:
         Case("run overrides the model", ("runs.r overrides ['model'], which are not per-run settings",),
              "correct the keys", run(model={"hidden_size": 64})),
         Case("blank base_dir", ("base_dir is empty",), "correct the keys", {"base_dir": " "}),
-        Case("unknown preset", ("unknown preset 'glm5'",), f"set `preset:` to one of ['{RECIPE}', 'tiny']",
+        Case("unknown preset", ("unknown preset 'glm5'",), f"set `preset:` to one of ['{RECIPE}', 'glm4.7-flash-16xh100', 'glm4.7-flash-8xh100', 'tiny', 'tiny-mla']",
              {"preset": "glm5"}),
         Case("unknown key", ("config.presett: unknown key",), "correct the keys", {"presett": "tiny"}),
         Case("unknown nested key", ("perf.tensor_parallel: unknown key",), "correct the keys",

@@ -26,13 +26,38 @@ def error_of(cfg: dict) -> str:
 
 
 def test_presets_load():
-    assert resolve.preset_names() == [RECIPE, "tiny"]
+    assert resolve.preset_names() == ["glm4.7-355b-64xh100", "glm4.7-flash-16xh100", "glm4.7-flash-8xh100",
+                                      "tiny", "tiny-mla"]
     tiny = resolve.load({})
     assert tiny.user.preset == "tiny" and tiny.preset.weights.source == "tiny"
     recipe = load_recipe()
     alloc = recipe.runs["r"].train.allocation
     assert (alloc.nodes, alloc.gpus_per_node) == (8, 8)
     assert recipe.preset.convert.torch_dist.allocation.nodes == 2
+    # The conversion's allocation is the preset's shape: one node for the one-node Flash recipe.
+    for preset, nodes in (("glm4.7-flash-8xh100", 1), ("glm4.7-flash-16xh100", 2)):
+        wf = resolve.load({"preset": preset})
+        assert wf.preset.convert.torch_dist.allocation.nodes == wf.runs["default"].train.allocation.nodes == nodes
+        assert wf.preset.model.multi_latent_attention and wf.preset.model.num_layers == 47
+
+
+def test_an_extending_preset_is_its_base_with_its_own_keys_on_top():
+    mla, tiny = resolve.load({"preset": "tiny-mla"}), resolve.load({})
+    assert mla.preset.model_name == "tiny-glm4moe-lite" and mla.preset.model.multi_latent_attention
+    assert mla.preset.rollout == tiny.preset.rollout and mla.preset.train == tiny.preset.train
+    flash16 = resolve.read_preset("glm4.7-flash-16xh100")
+    assert flash16["perf"]["tensor_model_parallel_size"] == 4 and flash16["perf"]["expert_model_parallel_size"] == 8
+
+
+def test_model_files_are_shared_and_overrides_merge_onto_them():
+    """Presets name a model file; `overrides: {model: {...}}` changes single keys of it; an unknown
+    name is refused with the list of model files."""
+    wf = resolve.load({"preset": "tiny", "overrides": {"model": {"vocab_size": 256}}})
+    assert wf.preset.model.vocab_size == 256 and wf.preset.model.num_layers == 3
+    with pytest.raises(GlmsnakeError) as e:
+        resolve.load({"preset": "tiny", "overrides": {"model": "glm5-745b"}})
+    assert "model: 'glm5-745b' names no model file" in e.value.problem
+    assert "glm4.7-30b-a3b" in e.value.fix and "from_hf" in e.value.fix
 
 
 def test_cluster_quick_start_is_one_line():
@@ -47,7 +72,7 @@ def test_cluster_quick_start_is_one_line():
 
 def test_unknown_preset():
     msg = error_of({"preset": "glm5"})
-    assert "unknown preset 'glm5'" in msg and f"set `preset:` to one of ['{RECIPE}', 'tiny']" in msg
+    assert "unknown preset 'glm5'" in msg and f"set `preset:` to one of ['{RECIPE}', 'glm4.7-flash-16xh100', 'glm4.7-flash-8xh100', 'tiny', 'tiny-mla']" in msg
 
 
 def test_unknown_key_top_level_and_nested():
@@ -100,7 +125,8 @@ def test_rollout_layouts():
 
 
 def test_feature_combinations():
-    msg = error_of({"preset": RECIPE, "overrides": {"model": {"mtp_num_layers": 0}}})
+    msg = error_of({"preset": RECIPE, "overrides": {"model": {"mtp_num_layers": 0}},
+                    "runs": {"r": {"features": {"mtp_training": True}}}})
     assert "features.mtp_training needs an MTP layer" in msg and "set model.mtp_num_layers: 1" in msg
     msg = error_of({"preset": RECIPE, "overrides": {"convert": {"fp8": {"strategy": "channel"}}}, "runs": {"r": {"features": {"fp8_rollout": True}}}})
     assert "FP8 rollout with DeepEP needs block FP8" in msg and "set convert.fp8.strategy: block" in msg

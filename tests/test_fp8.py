@@ -20,9 +20,12 @@ from fp8_reference import dequant_error_ok, expand_scale, reference_quantize
 
 from conftest import skip_or_fail
 from glmsnake import atomic, publish, resolve, staleness
-from glmsnake.convert import fp8, fp8_kernel, fp8_plan, fp8_shard
+from glmsnake.architectures import ARCHITECTURES
+from glmsnake.convert import fp8, fp8_kernel, fp8_shard
 from glmsnake.convert.tiny import make_tiny
 from glmsnake.steps import convert as convert_steps
+
+GLM4_MOE = ARCHITECTURES["glm4_moe"]
 
 FP8_DTYPE = torch.float8_e4m3fn
 
@@ -253,7 +256,7 @@ def test_tiny_output_format(tiny_hf, tiny_fp8, wf):
         assert k in kept, k
     for k in kept:
         assert tensors[k].dtype == src[k].dtype and torch.equal(bits(tensors[k]), bits(src[k])), k
-    assert quantized == {k for k in src if fp8_plan.QUANTIZED_WEIGHT.search(k)}
+    assert quantized == {k for k in src if GLM4_MOE.quantized_weight.search(k)}
 
     cfg = json.loads((tiny_fp8 / "config.json").read_text())
     qc = cfg.pop("quantization_config")
@@ -286,7 +289,7 @@ def test_every_quantized_tensor_dequantizes_within_bound(tiny_hf, tiny_fp8, wf):
             ok = dequant_error_ok(src[k], q, expand_scale(s, q.shape, "block", bs))
             assert ok.all(), f"{k}: {int((~ok).sum())} elements outside |w - q*s| <= max(|w|/16, s/1024)"
             n += 1
-    assert n == sum(1 for k in src if fp8_plan.QUANTIZED_WEIGHT.search(k)) > 50
+    assert n == sum(1 for k in src if GLM4_MOE.quantized_weight.search(k)) > 50
 
 
 def test_transformers_loads_fp8_and_logits_stay_close(tiny_hf, tiny_fp8, wf):
@@ -402,7 +405,7 @@ def test_rerun_skips_verified_shards_and_redoes_damaged_ones(tmp_path, tiny_hf, 
 def _plan(model_dir: Path, shard: str):
     from glmsnake.convert.safetensors_io import read_header
 
-    return fp8.plan_shard(shard, read_header(model_dir / shard), fp8.Scheme("block", (32, 32)))
+    return fp8.plan_shard(shard, read_header(model_dir / shard), fp8.Scheme("block", (32, 32)), GLM4_MOE.quantized_weight)
 
 
 def test_killed_run_leaves_nothing_finished_and_rerun_resumes(tmp_path):

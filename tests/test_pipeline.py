@@ -56,6 +56,32 @@ def test_exported_model_loads_in_transformers(pipeline):
     assert not torch.equal(init.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
 
 
+def test_the_mla_sibling_runs_through_every_rule(tmp_path):
+    """tiny-mla (GLM-4.7-Flash's architecture) through download, torch_dist, FP8, local training
+    and export: the export is a trained glm4_moe_lite that transformers loads."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    wd = tmp_path
+    base = wd / "results"
+    snakemake(wd, "--profile", str(REPO / "profiles/local"), "all", "--config", f"base_dir={base}", "preset=tiny-mla")
+    run = base / "runs/default"
+    for sentinel in (base / "tiny-glm4moe-lite/glmsnake.manifest.json", base / "tiny-glm4moe-lite-FP8/glmsnake.done.json",
+                     run / "glmsnake.done.json", run / "hf/glmsnake.done.json"):
+        assert json.loads(sentinel.read_text())
+    td = json.loads((base / "tiny-glm4moe-lite_torch_dist/glmsnake.done.json").read_text())
+    assert td["layout"] == {"norms": "local", "experts": "stacked"}
+    assert "decoder.layers.0.self_attention.linear_kv_down_proj.weight" in td["tensors"]
+    assert json.loads((run / "glmsnake.done.json").read_text())["final_iteration"] == 31
+    model = AutoModelForCausalLM.from_pretrained(run / "hf", dtype=torch.bfloat16)
+    init = AutoModelForCausalLM.from_pretrained(base / "tiny-glm4moe-lite", dtype=torch.bfloat16)
+    assert type(model).__name__ == "Glm4MoeLiteForCausalLM"
+    attn, attn0 = model.model.layers[0].self_attn, init.model.layers[0].self_attn
+    assert not torch.equal(attn.kv_b_proj.weight, attn0.kv_b_proj.weight), "training changed the MLA weights"
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[5, 6, 7]])).logits).all()
+
+
 def test_status_shows_the_finished_run(pipeline):
     wd, base = pipeline
     cfg = wd / "config.yaml"

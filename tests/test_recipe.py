@@ -2,27 +2,74 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from glmsnake import resolve
+from glmsnake.errors import GlmsnakeError
 from glmsnake.recipe import driver, groups
 
-# slime's run-glm4.7-355B-A32B.sh, group by group, as slime's scripts write them (data under base_dir /shared/glm).
-EXPECTED = {
-    "MODEL": "--disable-bias-linear --qk-layernorm --group-query-attention --num-attention-heads 96 --num-query-groups 8 --kv-channels 128 --num-layers 92 --hidden-size 5120 --ffn-hidden-size 12288 --add-qkv-bias --normalization RMSNorm --position-embedding-type rope --rotary-percent 0.5 --swiglu --untie-embeddings-and-output-weights --vocab-size 151552 --rotary-base 1000000 --moe-ffn-hidden-size 1536 --moe-shared-expert-intermediate-size 1536 --moe-router-pre-softmax --moe-router-score-function sigmoid --moe-router-enable-expert-bias --moe-router-bias-update-rate 0 --moe-router-load-balancing-type seq_aux_loss --moe-token-dispatcher-type alltoall --moe-router-topk 8 --moe-router-topk-scaling-factor 2.5 --moe-layer-freq [0]*3+[1]*89 --num-experts 160 --moe-grouped-gemm --moe-router-dtype fp32 --moe-permute-fusion --moe-aux-loss-coeff 0 --mtp-num-layers 1",
-    "ROLLOUT": "--prompt-data /shared/glm/data/prompt.jsonl --input-key prompt --label-key label --apply-chat-template --rollout-shuffle --rm-type deepscaler --num-rollout 3000 --rollout-batch-size 128 --n-samples-per-prompt 8 --rollout-max-response-len 32768 --rollout-temperature 1 --over-sampling-batch-size 256 --dynamic-sampling-filter-path slime.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std --num-steps-per-rollout 4 --balance-data --rollout-stop-token-ids 151329 151336 151338",
-    "EVAL": "--eval-interval 20 --eval-prompt-data aime /shared/glm/data/aime.jsonl --n-samples-per-eval-prompt 8 --eval-max-response-len 32768 --eval-top-p 1",
-    "PERF": "--tensor-model-parallel-size 8 --sequence-parallel --pipeline-model-parallel-size 4 --context-parallel-size 2 --expert-model-parallel-size 16 --expert-tensor-parallel-size 1 --recompute-granularity full --recompute-method uniform --recompute-num-layers 1 --use-dynamic-batch-size --max-tokens-per-gpu 16384",
-    "GRPO": "--advantage-estimator gspo --kl-loss-coef 0.00 --kl-loss-type low_var_kl --kl-coef 0.00 --entropy-coef 0.00 --eps-clip 1e-4 --eps-clip-high 2e-4 --use-tis",
-    "OPTIMIZER": "--optimizer adam --lr 1e-6 --lr-decay-style constant --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.98 --optimizer-cpu-offload --overlap-cpu-optimizer-d2h-h2d --use-precision-aware-optimizer",
-    "SGLANG": "--rollout-num-gpus-per-engine 32 --sglang-mem-fraction-static 0.7 --sglang-enable-dp-attention --sglang-dp-size 4 --sglang-ep-size 32 --sglang-enable-dp-lm-head --sglang-moe-dense-tp-size 1 --sglang-speculative-algorithm EAGLE --sglang-speculative-num-steps 3 --sglang-speculative-eagle-topk 1 --sglang-speculative-num-draft-tokens 4",
-    "MTP": "--enable-mtp-training --mtp-loss-scaling-factor 0.2",
-    "MISC": "--attention-dropout 0.0 --hidden-dropout 0.0 --accumulate-allreduce-grads-in-fp32 --attention-softmax-in-fp32 --attention-backend flash --moe-token-dispatcher-type flex --moe-enable-deepep",
-}
+SLIME = json.loads((Path(__file__).parent / "fixtures" / "slime_scripts.json").read_text())
+GROUPS = ("MODEL", "ROLLOUT", "EVAL", "PERF", "GRPO", "OPTIMIZER", "SGLANG", "MTP", "MISC")
+DATA_FLAGS = ("--prompt-data", "--eval-prompt-data")  # slime's paths there, glmsnake's in base_dir
+# The seed recipe's FP8 rollout: block FP8 weights, DeepEP, DP attention over all 32 GPUs of an engine.
 FP8_SGLANG = "--rollout-num-gpus-per-engine 32 --sglang-mem-fraction-static 0.7 --sglang-enable-dp-attention --sglang-dp-size 32 --sglang-ep-size 32 --sglang-moe-dense-tp-size 1 --sglang-enable-dp-lm-head --sglang-cuda-graph-bs 1 2 4 8 16 24 32 40 48 56 64 72 80 88 96 104 112 120 128 --sglang-speculative-algorithm EAGLE --sglang-speculative-num-steps 3 --sglang-speculative-eagle-topk 1 --sglang-speculative-num-draft-tokens 4 --sglang-moe-a2a-backend deepep --sglang-deepep-mode auto"
+
+
+def expected(preset: str, group: str) -> dict[str, tuple]:
+    """The script's flags of a group with the preset's stated changes (fixture: `presets.<name>.changes`)."""
+    spec = SLIME["presets"][preset]
+    flags = as_flags(SLIME["scripts"][spec["script"]][group].split())
+    for flag, values in spec["changes"].get(group, {}).items():
+        if values is None:
+            flags.pop(flag)
+        else:
+            flags[flag] = as_flags([flag, *values])[flag]
+    return flags
+
+
+def rendered(wf, group: str) -> dict[str, tuple]:
+    """What glmsnake renders, less flags at slime's or Megatron's own default (fixture: `defaults`)."""
+    flags = as_flags(groups(wf, "default")[group])
+    for flag, values in SLIME["defaults"].items():
+        if flag.startswith("--") and flags.get(flag) == as_flags([flag, *values])[flag]:
+            flags.pop(flag)
+    return flags
+
+
+@pytest.mark.parametrize("preset", sorted(SLIME["presets"]))
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_flag_and_value_of_slimes_script(preset, group):
+    wf = resolve.load({"preset": preset, "base_dir": "/shared/glm"})
+    have, want = rendered(wf, group), expected(preset, group)
+    for flag in DATA_FLAGS:
+        assert (flag in have) == (flag in want)
+        have.pop(flag, None), want.pop(flag, None)
+    assert have == want
+
+
+@pytest.mark.parametrize("preset", sorted(SLIME["presets"]))
+def test_launch_flags_follow_the_script(preset):
+    wf = resolve.load({"preset": preset, "base_dir": "/shared/glm"})
+    spec = SLIME["presets"][preset]
+    want = as_flags(SLIME["scripts"][spec["script"]]["launch"].split())
+    for flag, values in spec["changes"].get("launch", {}).items():
+        want[flag] = as_flags([flag, *values])[flag]
+    argv = driver(wf, "default", head_address="10.1.2.3", interface=None).argv
+    assert as_flags(argv[2:7]) == want
+
+
+def test_the_flash_scripts_one_node_layout_is_refused_before_allocation():
+    """slime's Flash script keeps PP 2 with EP 8; on one node of 8 GPUs Megatron stops at start-up.
+    The preset says why it uses PP 1; setting the script's layout back is refused, with the fix."""
+    with pytest.raises(GlmsnakeError) as e:
+        resolve.load({"preset": "glm4.7-flash-8xh100", "overrides": {"perf": {
+            "pipeline_model_parallel_size": 2, "decoder_last_pipeline_num_layers": 23}}})
+    assert "EP x ETP = 8x1 = 8 does not divide the expert-parallel world of 4 GPUs per pipeline stage" in e.value.problem
 
 
 def as_flags(args: list[str]) -> dict[str, tuple]:
@@ -68,11 +115,6 @@ def recipe(tmp_path_factory):
     return resolve.load({"preset": "glm4.7-355b-64xh100", "base_dir": "/shared/glm", "runs": {"grpo": {}, "fp8": {"features": {"fp8_rollout": True}}}})
 
 
-@pytest.mark.parametrize("group", sorted(EXPECTED))
-def test_every_flag_and_value_of_the_seed(recipe, group):
-    assert as_flags(groups(recipe, "grpo")[group]) == as_flags(EXPECTED[group].split())
-
-
 def test_checkpoint_and_data_paths(recipe):
     g = groups(recipe, "grpo")
     assert as_flags(g["CKPT"]) == {
@@ -97,9 +139,13 @@ def test_mtp_toggles():
     g = groups(off, "r")
     assert g["MTP"] == [] and "--mtp-num-layers" not in g["MODEL"]
     assert not any(a.startswith("--sglang-speculative") for a in g["SGLANG"])
-    spec_only = resolve.load({"preset": "glm4.7-355b-64xh100", "runs": {"r": {"features": {"mtp_training": False}}}})
-    g = groups(spec_only, "r")
-    assert g["MTP"] == [] and "--mtp-num-layers" in g["MODEL"] and "--sglang-speculative-algorithm" in g["SGLANG"]
+    # The script's default: EAGLE drafts with the checkpoint's MTP layer, Megatron does not load it.
+    g = groups(resolve.load({"preset": "glm4.7-355b-64xh100"}), "default")
+    assert g["MTP"] == [] and "--mtp-num-layers" not in g["MODEL"] and "--sglang-speculative-algorithm" in g["SGLANG"]
+    trained = resolve.load({"preset": "glm4.7-355b-64xh100", "runs": {"r": {"features": {"mtp_training": True}}}})
+    g = groups(trained, "r")
+    assert as_flags(g["MODEL"])["--mtp-num-layers"] == (1.0,)
+    assert g["MTP"] == ["--enable-mtp-training", "--mtp-loss-scaling-factor", "0.2"]
 
 
 def test_driver_command_and_runtime_env(recipe):
@@ -114,8 +160,11 @@ def test_driver_command_and_runtime_env(recipe):
     # Every group's arguments, in the order of slime's script, follow the launch flags.
     ckpt = ("--hf-checkpoint /shared/glm/GLM-4.7-355B-A32B --ref-load /shared/glm/GLM-4.7-355B-A32B_torch_dist "
             "--load /shared/glm/runs/grpo/checkpoints --save /shared/glm/runs/grpo/checkpoints --save-interval 20")
+    script = {g: v.replace("$BASE_DIR/dapo-math-17k/dapo-math-17k.jsonl", "/shared/glm/data/prompt.jsonl")
+                 .replace("$BASE_DIR/rl_data/aime-2024.jsonl", "/shared/glm/data/aime.jsonl")
+              for g, v in SLIME["scripts"]["run-glm4.7-355B-A32B.sh"].items()}
     script_order = ["MODEL", ckpt, "ROLLOUT", "EVAL", "PERF", "GRPO", "OPTIMIZER", "SGLANG", "MTP", "MISC"]
-    expected = " ".join(EXPECTED.get(g, g) for g in script_order).split()
+    expected = " ".join(script.get(g, g) for g in script_order).split()
     assert in_order(d.argv[7:]) == in_order(expected)
 
 
@@ -128,4 +177,4 @@ def test_render_command_prints_groups_as_bash_arrays():
     # The arrays are valid bash: source them and count MODEL_ARGS.
     script = out.split("# runtime env")[0] + 'echo "${#MODEL_ARGS[@]}"'
     n = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.strip()
-    assert int(n) == len(EXPECTED["MODEL"].split())
+    assert int(n) == len(SLIME["scripts"]["run-glm4.7-355B-A32B.sh"]["MODEL"].split())

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from glmsnake import resolve
+from glmsnake import architectures, resolve
 from glmsnake.convert import megatron_names as names
 from glmsnake.convert import torch_dist as td
 from glmsnake.convert.dcp_io import DcpReader, HfReader, read_metadata, tensor_index
@@ -226,7 +226,7 @@ def test_every_key_layout_round_trips_and_is_detected(tiny_hf, tmp_path, layout)
     cfg = json.loads((tiny_hf / "config.json").read_text())
     state = hf_tensors(tiny_hf)
     final = td.save_hf_state(state, cfg, tmp_path / "ck", 3, layout)
-    keys = set(td.describe_checkpoint(final)["tensors"])
+    keys = set(td.describe_checkpoint(final, cfg)["tensors"])
     moe, dense = "decoder.layers.1.", "decoder.layers.0."  # the tiny model: layer 0 dense, the rest MoE
     assert (f"{moe}pre_mlp_layernorm.weight" in keys) == (layout.norms == "te")
     assert (f"{moe}mlp.linear_fc1.layer_norm_weight" in keys) == (layout.norms == "local")
@@ -234,8 +234,8 @@ def test_every_key_layout_round_trips_and_is_detected(tiny_hf, tmp_path, layout)
     assert (f"{moe}mlp.experts.experts.linear_fc1.weight" in keys) == (layout.experts == "stacked")
     assert ({f"{moe}mlp.experts.experts.7.linear_fc1.weight_w", f"{moe}mlp.experts.experts.7.linear_fc1.weight_v",
              f"{dense}mlp.linear_fc1.weight_w"} <= keys) == (layout.experts == "singleton")
-    assert names.detect_layout(keys) == layout
-    assert td.describe_checkpoint(final)["layout"] == layout.describe()
+    assert architectures.detect_layout(architectures.shape(cfg), keys) == layout
+    assert td.describe_checkpoint(final, cfg)["layout"] == layout.describe()
     assert_bit_identical(td.load_hf_state(final, cfg), state)
     out = tmp_path / "hf"
     summary = td.export_hf(final, tiny_hf, out)
@@ -278,8 +278,9 @@ def test_checkpoints_megatron_core_wrote_export_to_the_same_model(tmp_path, mode
 def test_the_writer_writes_the_te_layout_when_asked(tiny_hf, model_args, tmp_path):
     plan = td.plan_conversion(tiny_hf, model_args, names.TE)
     release = td.convert(tiny_hf, tmp_path / "td", model_args, writers=1, layout=names.TE)
-    assert plan.layout == names.TE and td.describe_checkpoint(release)["layout"] == names.TE.describe()
-    assert_bit_identical(td.load_hf_state(release, json.loads((tiny_hf / "config.json").read_text())), hf_tensors(tiny_hf))
+    cfg = json.loads((tiny_hf / "config.json").read_text())
+    assert plan.layout == names.TE and td.describe_checkpoint(release, cfg)["layout"] == names.TE.describe()
+    assert_bit_identical(td.load_hf_state(release, cfg), hf_tensors(tiny_hf))
 
 
 # --------------------------------------------------------------------------- steps (local launcher)

@@ -239,7 +239,8 @@ def convert(
     model_dir, save_dir = Path(model_dir).absolute(), Path(save_dir).absolute()
     source = inspect_source(model_dir)
     check_destination(save_dir, model_dir)
-    plans = [plan_shard(s, source.headers[s], scheme) for s in source.shards]
+    pattern = source.quantized_weight
+    plans = [plan_shard(s, source.headers[s], scheme, pattern) for s in source.shards]
 
     stage = publish.temp_dir_for(save_dir)
     disk.require_room(save_dir, sum(p.out_size for p in plans) - disk.bytes_under(stage),

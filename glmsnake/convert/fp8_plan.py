@@ -32,13 +32,10 @@ from glmsnake.errors import GlmsnakeError
 
 MARKER_NAME = "glmsnake.fp8.json"  # our provenance record inside the output folder
 
-# The projections that are quantized: attention q/k/v/o and the dense, shared-expert and
-# routed-expert gate/up/down, in every decoder layer including the MTP layer. Everything
-# else (embeddings, lm_head, norms, router gate, expert bias, biases, eh_proj, shared_head)
-# stays as it is. An allow-list, so an unknown tensor is kept rather than broken.
-QUANTIZED_WEIGHT = re.compile(
-    r"(^|\.)(self_attn\.[qkvo]_proj|mlp\.(shared_experts\.|experts\.\d+\.)?(gate|up|down)_proj)\.weight$"
-)
+# Which projections are quantized is the architecture's allow-list (`quantized_weight` of
+# glmsnake/architectures): the attention's and the dense, shared-expert and routed-expert
+# gate/up/down, in every decoder layer including the MTP layer. Everything else (embeddings,
+# lm_head, norms, router gate, expert bias, biases, eh_proj, shared_head) stays as it is.
 FLOAT_DTYPES = {"BF16", "F16", "F32"}
 FP8_SCALE_KEY = re.compile(r"\.(weight_scale(_inv)?|input_scale|activation_scale)$")
 
@@ -46,8 +43,8 @@ FP8_SCALE_KEY = re.compile(r"\.(weight_scale(_inv)?|input_scale|activation_scale
 # ---------------------------------------------------------------- planning the output
 
 
-def is_quantized(info: TensorInfo) -> bool:
-    return bool(QUANTIZED_WEIGHT.search(info.name)) and len(info.shape) == 2 and info.dtype in FLOAT_DTYPES
+def is_quantized(info: TensorInfo, quantized: re.Pattern) -> bool:
+    return bool(quantized.search(info.name)) and len(info.shape) == 2 and info.dtype in FLOAT_DTYPES
 
 
 @dataclass
@@ -67,10 +64,11 @@ class ShardPlan:
         return len(self.header) + max((t.end for t in self.out.values()), default=0)
 
 
-def plan_shard(name: str, header: Header, scheme: Scheme) -> ShardPlan:
+def plan_shard(name: str, header: Header, scheme: Scheme, pattern: re.Pattern) -> ShardPlan:
+    """The output shard: `pattern` (the architecture's allow-list) picks the tensors to quantize."""
     entries, quantized = [], []
     for info in header.tensors.values():
-        if is_quantized(info):
+        if is_quantized(info, pattern):
             quantized.append(info.name)
             entries.append(OutEntry(info.name, "F8_E4M3", info.shape))
             entries.append(OutEntry(scheme.scale_key(info.name), "F32", scheme.scale_shape(*info.shape)))
@@ -97,6 +95,12 @@ class Source:
     shards: list[str]
     headers: dict[str, Header]
 
+    @property
+    def quantized_weight(self) -> re.Pattern:
+        from glmsnake import architectures
+
+        return architectures.of_hf_config(self.config, str(self.dir / "config.json")).quantized_weight
+
 
 def inspect_source(model_dir: Path) -> Source:
     """Read config, index and every shard header; refuse anything incomplete or already FP8."""
@@ -112,6 +116,9 @@ def inspect_source(model_dir: Path) -> Source:
             f"{model_dir} is already quantized (config.json has a {method} quantization_config)",
             "convert the bf16 checkpoint instead (the download_hf output), not an FP8 one",
         )
+    from glmsnake import architectures
+
+    architectures.of_hf_config(config, str(config_path))  # a model whose projections we know
     weight_map = _weight_map(model_dir)
     shards = sorted(set(weight_map.values()))
     missing = [s for s in shards if not (model_dir / s).is_file()]

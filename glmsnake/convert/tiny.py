@@ -1,9 +1,10 @@
-"""The embedded default: a tiny GLM-4-MoE HF checkpoint, generated locally and deterministically.
+"""The embedded defaults: tiny GLM MoE HF checkpoints, generated locally and deterministically.
 
-transformers' Glm4Moe classes build the model (so its keys, shapes and init are
-the real ones); transformers drops the MTP layer, so we build one more decoder
-layer and add the MTP-only tensors (eh_proj, enorm, hnorm, shared_head.norm) as
-`model.layers.{num_hidden_layers}.*`, as GLM-4.7's own checkpoint has them.
+transformers' classes of the preset's architecture (glm4_moe, or glm4_moe_lite for
+multi-latent attention) build the model, so its keys, shapes and init are the real ones;
+transformers drops the MTP layer, so we build one more decoder layer and add the MTP-only
+tensors (eh_proj, enorm, hnorm, shared_head.norm) as `model.layers.{num_hidden_layers}.*`,
+as GLM-4.7's own checkpoints have them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from glmsnake.convert.arch import hf_fields, rope_fields
+from glmsnake import architectures
 from glmsnake.convert.safetensors_io import INDEX_NAME
 from glmsnake.recipe.args import ModelArgs
 
@@ -23,15 +24,10 @@ SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
 
 
 def hf_config(m: ModelArgs, num_hidden_layers: int | None = None):
-    from transformers import Glm4MoeConfig
-
-    fields = hf_fields(m)
-    fields.pop("model_type")
-    if num_hidden_layers is not None:
-        fields["num_hidden_layers"] = num_hidden_layers
-    return Glm4MoeConfig(
+    arch = architectures.of_model_args(m)
+    fields = arch.transformers_fields(m, m.num_layers if num_hidden_layers is None else num_hidden_layers)
+    return arch.transformers_config(dict(
         **fields,
-        rope_parameters=rope_fields(m),
         rms_norm_eps=m.norm_epsilon or 1e-5,
         max_position_embeddings=512,
         n_group=1,
@@ -40,20 +36,18 @@ def hf_config(m: ModelArgs, num_hidden_layers: int | None = None):
         pad_token_id=0,
         eos_token_id=1,
         bos_token_id=None,
-        architectures=["Glm4MoeForCausalLM"],
+        architectures=[arch.model_class],
         dtype="bfloat16",
-    )
+    ))
 
 
 def tiny_state_dict(m: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
     """Every tensor of the tiny checkpoint, MTP layer included, in HF names and bf16."""
-    from transformers import Glm4MoeForCausalLM
-
     n = m.num_layers
     mtp = m.mtp_num_layers or 0
     torch.manual_seed(seed)
     # One model with n + mtp layers: its last layers become the MTP decoder layers.
-    model = Glm4MoeForCausalLM(hf_config(m, num_hidden_layers=n + mtp))
+    model = architectures.of_model_args(m).transformers_model(hf_config(m, num_hidden_layers=n + mtp))
     # Untrained routers have a zero expert bias; give it values so conversions are really tested.
     with torch.no_grad():
         for name, buf in model.named_buffers():

@@ -30,7 +30,7 @@ import torch
 from glmsnake.atomic import sha256_file, write_bytes, write_json
 from glmsnake.publish import publish_dir, temp_dir_for
 from glmsnake.convert import megatron_names as names
-from glmsnake.convert.arch import check_hf_config
+from glmsnake import architectures
 from glmsnake.convert.dcp_io import (
     METADATA_NAME,
     DcpEntry,
@@ -75,11 +75,11 @@ class WritePlan:
     """Everything a writer rank needs; small and picklable (sent to every task)."""
 
     hf_dir: str
-    arch: names.GlmArch
+    arch: architectures.GlmArch
     layout: names.Layout = names.LOCAL
 
     def units(self) -> list[names.Unit]:
-        return names.units(self.arch, self.layout)
+        return architectures.units(self.arch, self.layout)
 
 
 def plan_conversion(hf_dir: Path, model_args: "ModelArgs | None", layout: names.Layout = names.LOCAL) -> WritePlan:
@@ -87,10 +87,10 @@ def plan_conversion(hf_dir: Path, model_args: "ModelArgs | None", layout: names.
     hf_dir = Path(hf_dir)
     cfg = read_hf_config(hf_dir)
     if model_args is not None:
-        check_hf_config(cfg, model_args, str(hf_dir))
-    arch = names.GlmArch.from_hf_config(cfg)
+        architectures.check_hf_config(cfg, model_args, str(hf_dir))
+    arch = architectures.shape(cfg)
     with HfReader(hf_dir) as reader:
-        names.check_hf_keys(arch, reader.keys(), str(hf_dir))
+        architectures.check_hf_keys(arch, reader.keys(), str(hf_dir))
     return WritePlan(str(hf_dir), arch, layout)
 
 
@@ -262,8 +262,8 @@ def save_hf_state(state: Mapping[str, torch.Tensor], hf_config: Mapping[str, Any
     The iteration folder is staged and renamed, then the tracker file is replaced: a crash
     leaves the previous checkpoint as the latest one.
     """
-    arch = names.GlmArch.from_hf_config(hf_config)
-    names.check_hf_keys(arch, state.keys(), "save_hf_state")
+    arch = architectures.shape(hf_config)
+    architectures.check_hf_keys(arch, state.keys(), "save_hf_state")
     out_root = Path(out_root)
     final = out_root / iter_dir_name(iteration)
     stage = temp_dir_for(final)
@@ -273,7 +273,7 @@ def save_hf_state(state: Mapping[str, torch.Tensor], hf_config: Mapping[str, Any
     obj = none_object_bytes()
     cpu = {k: v.detach().to("cpu") for k, v in state.items()}
     try:
-        for unit in names.units(arch, layout):
+        for unit in architectures.units(arch, layout):
             for t in unit.tensors:
                 out.add_tensor(t.key, names.to_megatron(t, cpu))
             for key in unit.extra_states:
@@ -289,15 +289,15 @@ def save_hf_state(state: Mapping[str, torch.Tensor], hf_config: Mapping[str, Any
 def load_hf_state(ckpt: Path, hf_config: Mapping[str, Any] | Any,
                   dtypes: Mapping[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
     """All tensors of a torch_dist checkpoint (root or iteration folder, any key layout) in HF names."""
-    arch = names.GlmArch.from_hf_config(hf_config)
+    arch = architectures.shape(hf_config)
     reader = DcpReader(find_checkpoint(ckpt))
     out: dict[str, torch.Tensor] = {}
-    for unit in names.units(arch, names.detect_layout(reader.index)):
+    for unit in architectures.units(arch, architectures.detect_layout(arch, reader.index)):
         out.update(_unit_to_hf(unit, reader, arch, dtypes))
     return out
 
 
-def _unit_to_hf(unit: names.Unit, reader: DcpReader, arch: names.GlmArch,
+def _unit_to_hf(unit: names.Unit, reader: DcpReader, arch: architectures.GlmArch,
                 dtypes: Mapping[str, torch.dtype] | None) -> dict[str, torch.Tensor]:
     loaded = reader.load([t.key for t in unit.tensors])
     out: dict[str, torch.Tensor] = {}
@@ -323,12 +323,12 @@ def export_hf(ckpt: Path, reference_hf: Path, out_dir: Path) -> dict[str, Any]:
     reference_hf, out_dir = Path(reference_hf), Path(out_dir)
     from safetensors.torch import save_file
 
-    arch = names.GlmArch.from_hf_config(read_hf_config(reference_hf))
+    arch = architectures.shape(read_hf_config(reference_hf))
     reader = DcpReader(find_checkpoint(ckpt))
-    layout = names.detect_layout(reader.index)  # slime's (Transformer Engine) keys, ours, or per-expert
+    layout = architectures.detect_layout(arch, reader.index)  # slime's (Transformer Engine) keys, ours, or per-expert
     with HfReader(reference_hf) as ref:
         ref_keys, dtypes = ref.keys(), {k: ref.dtype(k) for k in ref.keys()}
-    names.check_hf_keys(arch, ref_keys, str(reference_hf))
+    architectures.check_hf_keys(arch, ref_keys, str(reference_hf))
     index_path = reference_hf / INDEX_NAME
     plan = json.loads(index_path.read_text())["weight_map"] if index_path.is_file() else {k: SINGLE_NAME for k in ref_keys}
     remaining: dict[str, set[str]] = {}
@@ -341,7 +341,7 @@ def export_hf(ckpt: Path, reference_hf: Path, out_dir: Path) -> dict[str, Any]:
     shared = {k: v for k, v in shared.items() if k in plan}
     total = 0
     out_dir.mkdir(parents=True, exist_ok=True)
-    for unit in names.units(arch, layout):
+    for unit in architectures.units(arch, layout):
         tensors = _unit_to_hf(unit, reader, arch, dtypes)
         for dst, src in shared.items():
             if src in tensors:
@@ -365,8 +365,8 @@ def export_hf(ckpt: Path, reference_hf: Path, out_dir: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- checks of a written checkpoint
 
 
-def describe_checkpoint(ckpt_dir: Path) -> dict[str, Any]:
-    """Key set, shapes, dtypes and the index checksum: what the sentinel records."""
+def describe_checkpoint(ckpt_dir: Path, hf_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Key set, shapes, dtypes, key layout and the index checksum: what the sentinel records."""
     md = read_metadata(ckpt_dir)
     tensors = {k: {"shape": list(s), "dtype": str(d).removeprefix("torch.")} for k, (s, d) in sorted(tensor_index(md).items())}
     objects = sorted(k for k, v in md.state_dict_metadata.items() if k not in tensors)
@@ -376,7 +376,7 @@ def describe_checkpoint(ckpt_dir: Path) -> dict[str, Any]:
         "tensors": tensors,
         "objects": {"count": len(objects), "sha256": hashlib.sha256("\n".join(objects).encode()).hexdigest()},
         "metadata_sha256": sha256_file(Path(ckpt_dir) / METADATA_NAME),
-        "layout": names.detect_layout(tensors).describe(),
+        "layout": architectures.detect_layout(architectures.shape(hf_config), tensors).describe(),
         "files": sorted(p.name for p in Path(ckpt_dir).iterdir()),
     }
 

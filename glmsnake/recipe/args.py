@@ -52,7 +52,7 @@ class ModelArgs(FlagGroup):
     qk_layernorm: bool = False
     group_query_attention: bool = False
     num_attention_heads: PositiveInt
-    num_query_groups: PositiveInt
+    num_query_groups: PositiveInt | None = None  # Megatron's default: one group per head
     kv_channels: PositiveInt
     num_layers: PositiveInt
     hidden_size: PositiveInt
@@ -83,6 +83,28 @@ class ModelArgs(FlagGroup):
     moe_permute_fusion: bool = False
     moe_aux_loss_coeff: float | None = None
     mtp_num_layers: NonNegativeInt | None = None
+    # Multi-latent attention (GLM-4.7-Flash); Megatron's qk_head_dim is the part without RoPE.
+    multi_latent_attention: bool = False
+    q_lora_rank: PositiveInt | None = None
+    kv_lora_rank: PositiveInt | None = None
+    qk_head_dim: PositiveInt | None = None
+    v_head_dim: PositiveInt | None = None
+    qk_pos_emb_head_dim: PositiveInt | None = None
+    make_vocab_size_divisible_by: PositiveInt | None = None
+    no_position_embedding: bool = False
+    no_rope_fusion: bool = False
+
+    @model_validator(mode="after")
+    def _mla_dims(self) -> "ModelArgs":
+        missing = [n for n in ("kv_lora_rank", "qk_head_dim", "v_head_dim", "qk_pos_emb_head_dim") if getattr(self, n) is None]
+        if self.multi_latent_attention and missing:
+            raise ValueError(f"multi_latent_attention needs {', '.join(missing)} (GLM-4.7-Flash: kv_lora_rank 512, "
+                             "qk_head_dim 192, v_head_dim 256, qk_pos_emb_head_dim 64)")
+        return self
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
 
     @property
     def dense_layers(self) -> list[int]:
@@ -139,18 +161,30 @@ class RolloutArgs(FlagGroup):
     n_samples_per_prompt: PositiveInt
     rollout_max_response_len: PositiveInt
     rollout_temperature: NonNegativeFloat = 1.0
+    global_batch_size: PositiveInt | None = None
     over_sampling_batch_size: PositiveInt | None = None
     dynamic_sampling_filter_path: str | None = None
-    num_steps_per_rollout: PositiveInt = 1
+    num_steps_per_rollout: PositiveInt | None = None  # slime: None means global_batch_size decides (default: one step)
     balance_data: bool = False
     rollout_stop_token_ids: list[int] | None = None
     rollout_seed: int | None = None
+
+    @property
+    def steps_per_rollout(self) -> int:
+        """Optimizer steps per rollout, as slime derives them: num_steps_per_rollout, else
+        rollout_batch_size x n_samples_per_prompt / global_batch_size, else one."""
+        if self.num_steps_per_rollout:
+            return self.num_steps_per_rollout
+        if self.global_batch_size:
+            return max(1, self.rollout_batch_size * self.n_samples_per_prompt // self.global_batch_size)
+        return 1
 
 
 class EvalArgs(FlagGroup):
     eval_interval: PositiveInt | None = None
     n_samples_per_eval_prompt: PositiveInt = 1
     eval_max_response_len: PositiveInt | None = None
+    eval_temperature: NonNegativeFloat | None = None
     eval_top_p: Annotated[float, Field(gt=0, le=1)] | None = None
 
 
@@ -163,6 +197,8 @@ class PerfArgs(FlagGroup):
     context_parallel_size: int = 1
     expert_model_parallel_size: int = 1
     expert_tensor_parallel_size: int = 1
+    decoder_first_pipeline_num_layers: PositiveInt | None = None  # an uneven split: these stages' own counts
+    decoder_last_pipeline_num_layers: PositiveInt | None = None
     recompute_granularity: str | None = None
     recompute_method: str | None = None
     recompute_num_layers: PositiveInt | None = None
@@ -208,6 +244,8 @@ class SglangArgs(FlagGroup):
     moe_dense_tp_size: int | None = None
     ep_num_redundant_experts: int | None = None
     cuda_graph_bs: list[int] | None = None
+    cuda_graph_max_bs: int | None = None
+    max_running_requests: int | None = None
     speculative_algorithm: str | None = None
     speculative_num_steps: int | None = None
     speculative_eagle_topk: int | None = None

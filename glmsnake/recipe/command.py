@@ -37,8 +37,9 @@ def rollout_checkpoint(wf: "Workflow", run: "Run") -> Path:
 
 def model_args(wf: "Workflow", run: "Run | None" = None) -> list[str]:
     args = wf.preset.model.render()
-    if run is not None and not (run.features.mtp_training or run.features.mtp_speculative_decoding):
-        # Without an MTP feature the MTP layer is neither loaded nor trained.
+    if run is not None and not run.features.mtp_training:
+        # Megatron loads the MTP layer only to train it (slime's scripts: --mtp-num-layers sits with
+        # MTP_ARGS); speculative decoding drafts with the HF checkpoint's MTP layer inside SGLang.
         args = _drop(args, "--mtp-num-layers")
     return args
 

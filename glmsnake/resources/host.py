@@ -22,7 +22,7 @@ PROCESS_BYTES = 6 * GIB  # per training process: an assumption, not a measuremen
 
 
 def host_estimate(shape: ModelShape, lay: TrainLayout, gpus_per_node: int, colocate: bool, reference: bool) -> Estimate:
-    worst = max(stages(shape, lay.pp), key=lambda st: sum(stage_parameters(shape, lay, st)))
+    worst = max(stages(shape, lay), key=lambda st: sum(stage_parameters(shape, lay, st)))
     dense, expert = stage_parameters(shape, lay, worst)
     params, shard = dense + expert, dense / lay.dp + expert / lay.expert_dp
     n = gpus_per_node

@@ -10,6 +10,8 @@ estimated again, and named only if the result fits.
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -72,10 +74,11 @@ def quota_bytes(preset: "Preset") -> float | None:
 def plan_run(preset: "Preset", run: "Run") -> RunPlan:
     shape, lay = ModelShape.of(preset.model), TrainLayout.of(preset, run)
     roll = rollout.RolloutLayout.of(run, lay.gpus)
-    rest, kv = rollout.rollout_estimate(shape, roll, gpu_bytes(preset))
+    rest, kv = rollout.rollout_estimate(shape, roll, gpu_bytes(preset))  # SGLang keeps the MTP layer to draft
+    trained = shape if run.features.mtp_training else dataclasses.replace(shape, mtp_layers=0)  # Megatron loads it only to train it
     reference = run.grpo.use_kl_loss or run.grpo.kl_coef > 0
-    hst = host.host_estimate(shape, lay, run.train.allocation.gpus_per_node, run.train.colocate, reference)
-    return RunPlan(run.name, lay, training.training_estimates(shape, lay), rest, kv, hst)
+    hst = host.host_estimate(trained, lay, run.train.allocation.gpus_per_node, run.train.colocate, reference)
+    return RunPlan(run.name, lay, training.training_estimates(trained, lay), rest, kv, hst)
 
 
 def training_peak(plan: RunPlan) -> tuple[float, Estimate]:

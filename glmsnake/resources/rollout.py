@@ -57,7 +57,10 @@ class RolloutLayout:
 
 
 def kv_bytes_per_token(shape: ModelShape, lay: RolloutLayout, layers: int) -> float:
-    """K and V of every layer for one token on one GPU: KV heads split over attention TP (never below one)."""
+    """K and V of every layer for one token on one GPU: KV heads split over attention TP (never below one).
+    Multi-latent attention caches one latent per layer, whole on every attention-TP rank."""
+    if shape.kv_latent:
+        return layers * shape.kv_latent * KV_BYTES
     heads = max(1.0, shape.query_groups / lay.attn_tp)
     return 2 * layers * heads * shape.head_dim * KV_BYTES
 

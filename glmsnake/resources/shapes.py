@@ -31,6 +31,10 @@ class ModelShape:
     qkv_bias: bool = True
     qk_norm: bool = True
     untied: bool = True
+    # Multi-latent attention: its attention weights counted by the architecture, and the latent
+    # SGLang caches per token and layer (kv_lora_rank + RoPE dims) instead of per-head K and V.
+    latent_attention_params: int = 0
+    kv_latent: int = 0
 
     @property
     def layers(self) -> int:
@@ -46,8 +50,16 @@ class ModelShape:
 
     @classmethod
     def of(cls, m: "ModelArgs") -> "ModelShape":
-        return cls(hidden=m.hidden_size, heads=m.num_attention_heads, query_groups=m.num_query_groups,
-                   head_dim=m.kv_channels, ffn=m.ffn_hidden_size, vocab=m.vocab_size,
+        mla = {}
+        if m.multi_latent_attention:
+            from glmsnake import model_size
+
+            # Activations as for one full-width head per query head: q and k are nope + RoPE wide.
+            mla = dict(query_groups=m.num_attention_heads, head_dim=m.qk_head_dim + m.qk_pos_emb_head_dim,
+                       latent_attention_params=model_size.attention_parameters(m),
+                       kv_latent=m.kv_lora_rank + m.qk_pos_emb_head_dim)
+        return cls(**{"hidden": m.hidden_size, "heads": m.num_attention_heads, "query_groups": m.query_groups,
+                      "head_dim": m.kv_channels, **mla}, ffn=m.ffn_hidden_size, vocab=m.vocab_size,
                    layer_is_moe=tuple(m.layer_is_moe), experts=m.num_experts, topk=m.moe_router_topk,
                    expert_ffn=m.moe_ffn_hidden_size, shared_ffn=m.moe_shared_expert_intermediate_size,
                    mtp_layers=m.mtp_num_layers or 0, qkv_bias=m.add_qkv_bias, qk_norm=m.qk_layernorm,
@@ -66,6 +78,8 @@ class ModelShape:
     # ---- parameters, as the converters write them (glmsnake/model_size.py counts the same)
     def attention_params(self) -> int:
         h = self.hidden
+        if self.latent_attention_params:
+            return self.latent_attention_params + 2 * h
         n = h * self.q + 2 * h * self.kv + self.q * h
         n += (self.q + 2 * self.kv) if self.qkv_bias else 0
         n += 2 * self.head_dim if self.qk_norm else 0
@@ -100,6 +114,8 @@ class TrainLayout:
     gpus: int
     tp: int = 1
     pp: int = 1
+    first_stage_layers: int | None = None  # an uneven pipeline split (decoder_first/last_pipeline_num_layers)
+    last_stage_layers: int | None = None
     cp: int = 1
     ep: int = 1
     etp: int = 1
@@ -134,7 +150,8 @@ class TrainLayout:
             tokens = (p.micro_batch_size or 1) * sample
         recompute = {"full": "full", "selective": "selective"}.get(p.recompute_granularity or "", "none")
         return cls(gpus=alloc.nodes * alloc.gpus_per_node, tp=p.tensor_model_parallel_size,
-                   pp=p.pipeline_model_parallel_size, cp=p.context_parallel_size, ep=p.expert_model_parallel_size,
+                   pp=p.pipeline_model_parallel_size, first_stage_layers=p.decoder_first_pipeline_num_layers,
+                   last_stage_layers=p.decoder_last_pipeline_num_layers, cp=p.context_parallel_size, ep=p.expert_model_parallel_size,
                    etp=p.expert_tensor_parallel_size, sp=p.sequence_parallel, tokens=tokens, recompute=recompute,
                    recompute_method=p.recompute_method or "uniform", recompute_layers=p.recompute_num_layers or 1,
                    attention="unfused" if run.misc.attention_backend == "local" else "flash",

@@ -36,11 +36,12 @@ def tensor_counts(m: "ModelArgs") -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=8)
 def _tensor_counts(model_json: str) -> tuple[int, int]:
-    from glmsnake.convert.arch import hf_fields
-    from glmsnake.convert.megatron_names import GlmArch, units
+    from glmsnake import architectures
     from glmsnake.recipe.args import ModelArgs
 
-    us = units(GlmArch.from_hf_config(hf_fields(ModelArgs.model_validate_json(model_json))))
+    m = ModelArgs.model_validate_json(model_json)
+    arch = architectures.of_model_args(m)
+    us = arch.units(arch.shape(arch.hf_fields(m)))
     return sum(len(u.hf_keys) for u in us), sum(len(u.tensors) + len(u.extra_states) for u in us)
 
 
@@ -63,10 +64,12 @@ def torch_dist_bytes(m: "ModelArgs") -> float:
 
 def fp8_bytes(m: "ModelArgs", block: tuple[int, int]) -> float:
     """The FP8 folder: attention and MLP projections in FP8 with one fp32 scale per block, the rest as it was."""
-    h, q, kv = m.hidden_size, m.num_attention_heads * m.kv_channels, m.num_query_groups * m.kv_channels
+    from glmsnake import architectures
+
+    h, attention = m.hidden_size, architectures.of_model_args(m).quantized_attention_shapes(m)
     shapes: list[tuple[int, int]] = []
     for moe in list(m.layer_is_moe) + [True] * (m.mtp_num_layers or 0):
-        shapes += [(q, h), (kv, h), (kv, h), (h, q)]
+        shapes += attention
         widths = ([m.moe_ffn_hidden_size] * m.num_experts + ([m.moe_shared_expert_intermediate_size]
                   if m.moe_shared_expert_intermediate_size else [])) if moe else [m.ffn_hidden_size]
         for f in widths:

@@ -54,10 +54,14 @@ class Stage:
     head: bool  # output layer, final norm, MTP
 
 
-def stages(shape: ModelShape, pp: int) -> list[Stage]:
-    """The first, a middle and the last stage (Megatron splits layers evenly over PP)."""
-    per = -(-shape.layers // pp)
-    chunks = [shape.layer_is_moe[i * per:(i + 1) * per] for i in range(pp)]
+def stages(shape: ModelShape, lay: TrainLayout) -> list[Stage]:
+    """The first, a middle and the last stage, with Megatron's split of the layers over PP."""
+    from glmsnake.parallel_layout import pipeline_layers
+
+    pp = lay.pp
+    counts = pipeline_layers(shape.layers, pp, lay.first_stage_layers, lay.last_stage_layers)
+    starts = [sum(counts[:i]) for i in range(pp)]
+    chunks = [shape.layer_is_moe[s:s + n] for s, n in zip(starts, counts)]
     if pp == 1:
         return [Stage("only", chunks[0], True, True)]
     out = [Stage("first", chunks[0], True, False)]
@@ -178,7 +182,7 @@ def stage_estimate(shape: ModelShape, lay: TrainLayout, st: Stage, index: int) -
 
 def training_estimates(shape: ModelShape, lay: TrainLayout) -> list[Estimate]:
     """One estimate per distinct stage, allocator bytes only (add CONTEXT_BYTES for the device)."""
-    sts = stages(shape, lay.pp)
+    sts = stages(shape, lay)
     index = {"first": 0, "middle": 1, "last": lay.pp - 1, "only": 0}
     return [stage_estimate(shape, lay, st, index[st.name]) for st in sts]
 

@@ -6,11 +6,10 @@ import shutil
 import time
 from pathlib import Path
 
-from glmsnake import atomic, contents, disk, publish, staleness
+from glmsnake import architectures, atomic, contents, disk, publish, staleness
 from glmsnake.config import Workflow
 from glmsnake.convert import fp8
 from glmsnake.convert import torch_dist as td
-from glmsnake.convert.arch import check_hf_config
 from glmsnake.convert.megatron_names import LAYOUTS
 from glmsnake.convert.slime_converter import SlimeConverter
 from glmsnake.launch import JobSpec, run_job
@@ -35,7 +34,8 @@ def convert_torch_dist(wf: Workflow, sentinel: Path) -> None:
     final = paths.torch_dist_dir
     t0 = time.monotonic()
     check_hf_unchanged(wf)
-    check_hf_config(td.read_hf_config(paths.hf_dir), wf.preset.model, str(paths.hf_dir))  # before any allocation
+    hf_config = td.read_hf_config(paths.hf_dir)
+    architectures.check_hf_config(hf_config, wf.preset.model, str(paths.hf_dir))  # before any allocation
     # bf16 in, bf16 out: about the HF shards' size, next to any earlier release until it is replaced.
     disk.require_room(final, disk.weight_bytes(paths.hf_dir), "the torch_dist conversion")
     if cfg.backend == "glmsnake":
@@ -55,7 +55,7 @@ def convert_torch_dist(wf: Workflow, sentinel: Path) -> None:
     if cfg.backend == "glmsnake":
         atomic.write_bytes(stage / td.TRACKER_NAME, td.RELEASE.encode())
     rel = td.verify_release(stage)
-    info = td.describe_checkpoint(rel)
+    info = td.describe_checkpoint(rel, hf_config)
     publish.publish_dir(stage, final)
     atomic.write_sentinel(
         sentinel, step="convert_torch_dist", settings=staleness.torch_dist(wf),

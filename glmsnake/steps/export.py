@@ -6,9 +6,8 @@ import shutil
 import time
 from pathlib import Path
 
-from glmsnake import atomic, contents, disk, publish, staleness
+from glmsnake import architectures, atomic, contents, disk, publish, staleness
 from glmsnake.config import Workflow
-from glmsnake.convert import megatron_names as names
 from glmsnake.convert import torch_dist as td
 from glmsnake.convert.dcp_io import METADATA_NAME, HfReader
 from glmsnake.convert.safetensors_io import INDEX_NAME
@@ -46,7 +45,7 @@ def export_hf(wf: Workflow, sentinel: Path, run: str) -> None:
 
 def slime_export(wf: Workflow, run: str, ckpt: Path, stage: Path) -> dict:
     """slime's converter on an allocation of its own (in the container), then the same check as
-    any HF folder gets: exactly the GLM-4-MoE tensor set of the run's config.json."""
+    any HF folder gets: exactly the tensor set of the run's config.json."""
     train = wf.runs[run].train
     task = SlimeExporter(iteration_dir=str(ckpt), output_dir=str(stage), origin_hf_dir=str(wf.paths.hf_dir),
                          vocab_size=wf.preset.model.vocab_size, slime_dir=train.slime_dir, megatron_dir=train.megatron_dir)
@@ -58,8 +57,8 @@ def slime_export(wf: Workflow, run: str, ckpt: Path, stage: Path) -> dict:
                             f"{wf.paths.job_logs(name)}")
     with HfReader(stage) as out:
         keys = out.keys()
-    arch = names.GlmArch.from_hf_config(td.read_hf_config(wf.paths.hf_dir))
-    names.check_hf_keys(arch, keys, f"slime's export {stage}")
+    arch = architectures.shape(td.read_hf_config(wf.paths.hf_dir))
+    architectures.check_hf_keys(arch, keys, f"slime's export {stage}")
     for leftover in [*stage.glob("glmsnake.*"), stage / ".glmsnake.files"]:  # copied from the weights' folder
         leftover.unlink(missing_ok=True)
     files = sorted(p.name for p in stage.glob("*.safetensors"))

@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from glmsnake import atomic, hub, staleness
+from glmsnake import architectures, atomic, hub, staleness
 from glmsnake.config import Workflow
 from glmsnake.errors import GlmsnakeError
 
@@ -27,6 +27,8 @@ def download_hf(wf: Workflow, sentinel: Path) -> None:
         for name in manifest["files"]:
             if name.endswith(".safetensors"):
                 hub.check_safetensors(dest / name)
+        # Weights of another model than the preset's stop here, naming each field (the files stay).
+        architectures.check_hf_config(json.loads((dest / "config.json").read_text()), wf.preset.model, str(dest))
     manifest["total_bytes"] = sum(f["size"] for f in manifest["files"].values())
     atomic.write_sentinel(sentinel, step="download_hf", settings=staleness.weights(wf), **manifest)
 

@@ -159,10 +159,11 @@ class TrainWorker:
         diff = ((old - full["rollout_logp"]).abs() * mask).sum() / mask.sum().clamp(min=1)
         stats["train_rollout_logprob_abs_diff"] = float(diff)
         n = len(samples)
-        global_bs = max(1, n // s.rollout.num_steps_per_rollout)
+        steps = s.rollout.steps_per_rollout
+        global_bs = max(1, n // steps)
         agg: dict[str, list[float]] = {}
-        for step in range(s.rollout.num_steps_per_rollout):
-            idx = list(range(step * global_bs, n if step == s.rollout.num_steps_per_rollout - 1 else (step + 1) * global_bs))
+        for step in range(steps):
+            idx = list(range(step * global_bs, n if step == steps - 1 else (step + 1) * global_bs))
             self.opt.zero_grad(set_to_none=True)
             for m0 in range(0, len(idx), s.micro_batch_size):
                 mi = idx[m0:m0 + s.micro_batch_size]

@@ -1,4 +1,4 @@
-"""The policy model: a transformers GLM-4-MoE built from the HF config, weights from torch_dist.
+"""The policy model: transformers' class of the checkpoint's architecture, weights from torch_dist.
 
 Checkpoints (HF names, as the torch_dist reader returns them) keep one tensor per expert
 (`experts.{e}.gate_proj.weight` ...) and the MTP layer `model.layers.{N}.*`; transformers'
@@ -21,12 +21,15 @@ _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up
 
 def build_model(hf_config: Mapping[str, Any], dtype: torch.dtype = torch.float32):
     """An empty (randomly initialised) model of the checkpoint's architecture, in `dtype`."""
-    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+    import transformers
 
-    cfg = Glm4MoeConfig.from_dict(dict(hf_config))
+    from glmsnake import architectures
+
+    arch = architectures.of_hf_config(hf_config)
+    cfg = getattr(transformers, arch.config_class).from_dict(dict(hf_config))
     cfg.use_cache = False
     torch.manual_seed(0)  # the init is overwritten; a fixed seed keeps it cheap to reason about
-    model = Glm4MoeForCausalLM(cfg).to(dtype)
+    model = arch.transformers_model(cfg).to(dtype)
     return model
 
 
