@@ -98,6 +98,20 @@ def test_the_writer_converts_mla_with_two_writers_bit_identically(mla_hf, mla_ar
     assert_bit_identical(td.load_hf_state(release, config_of(mla_hf)), hf_tensors(mla_hf))
 
 
+def test_mla_key_set_and_shapes_equal_megatron_manifest(mla_hf, mla_args, tmp_path):
+    """What megatron-core 0.19.2's GPTModel with multi-latent attention (local spec, MTP block) asks
+    for, recorded on an H200 by tests/gpu/megatron_check.py (which also loaded these checkpoints
+    strictly and matched transformers' fp32 logits: tests/gpu/h200_results_mla_tp1_ep1.json)."""
+    from glmsnake.convert.dcp_io import read_metadata, tensor_index
+
+    release = td.convert(mla_hf, tmp_path / "td", mla_args, writers=1)
+    want = json.loads((REPO / "tests" / "fixtures" / "megatron_keys_tiny_mla.json").read_text())
+    md = read_metadata(release)
+    tensors = {k: list(s) for k, (s, _) in tensor_index(md).items()}
+    assert tensors == want["tensors"]
+    assert sorted(k for k in md.state_dict_metadata if k not in tensors) == want["objects"]
+
+
 def test_fp8_quantizes_the_mla_projections_and_loads_in_transformers(mla_hf, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -1,8 +1,9 @@
 """Megatron itself checks glmsnake's torch_dist checkpoints (run on a GPU machine with megatron-core).
 
 For each checkpoint given (e.g. written by 1, 2 and 4 writer ranks) and each dtype:
-build a megatron-core GPTModel for the tiny GLM-4-MoE config with the local spec (no
-Transformer Engine) and the MTP block, load the checkpoint with
+build a megatron-core GPTModel for the checkpoint's config.json (glm4_moe, or glm4_moe_lite with
+multi-latent attention, configured as slime configures it: YaRN RoPE at scaling factor 1) with
+the local spec (no Transformer Engine) and the MTP block, load the checkpoint with
 `dist_checkpointing.load(strict=RETURN_ALL)` (no missing and no unexpected keys allowed),
 run a forward pass on fixed tokens and compare
 - the main logits with transformers' Glm4MoeForCausalLM on the same HF weights;
@@ -39,6 +40,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--hf", required=True)
     p.add_argument("--ckpt", action="append", default=[], help="NAME=DIR of a torch_dist root (tracker + release/)")
     p.add_argument("--fixture", default=None)
+    p.add_argument("--manifest-name", default="megatron_keys_tiny.json")
+    p.add_argument("--latent-norm-eps", choices=["hf", "megatron"], default="hf",
+                   help="transformers' glm4_moe_lite builds its q_a/kv_a norms with eps 1e-6, megatron-core's MLA "
+                        "with the model's norm epsilon: `megatron` gives the reference Megatron's value")
+    p.add_argument("--mla-rope", default="yarn", choices=["yarn", "rope"], help="MLA's RoPE (slime's default: yarn)")
     p.add_argument("--out", required=True)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
@@ -64,25 +70,49 @@ def init_dist(tp: int, ep: int) -> None:
     model_parallel_cuda_manual_seed(SEED)
 
 
+MLA_ROPE = ["yarn"]  # set from --mla-rope
+LATENT_EPS = ["hf"]  # set from --latent-norm-eps
+
+
+def is_mla(hf: dict) -> bool:
+    return hf["model_type"] == "glm4_moe_lite"
+
+
+def dense_layers(hf: dict) -> int:
+    types = hf.get("mlp_layer_types")
+    return types.index("sparse") if types else hf["first_k_dense_replace"]
+
+
 def megatron_config(hf: dict, dtype: torch.dtype, tp: int, ep: int, sp: bool):
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     n = hf["num_hidden_layers"]
-    fkd = hf["first_k_dense_replace"]
-    return TransformerConfig(
+    fkd = dense_layers(hf)
+    if is_mla(hf):
+        # What slime hands megatron-core for GLM-4.7-Flash: MLA defaults to YaRN (slime's
+        # arguments.py), with Megatron's argument defaults rotary_scaling_factor 1, mscale 1.
+        cls, attention = MLATransformerConfig, dict(
+            num_query_groups=hf["num_attention_heads"], kv_channels=hf["qk_nope_head_dim"],
+            q_lora_rank=hf["q_lora_rank"], kv_lora_rank=hf["kv_lora_rank"], qk_head_dim=hf["qk_nope_head_dim"],
+            qk_pos_emb_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"], qk_layernorm=True,
+            rope_type=MLA_ROPE[0], rotary_scaling_factor=1.0, mscale=1.0, mscale_all_dim=0.0,
+            rotary_base=float((hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000))),
+            add_qkv_bias=False)
+    else:
+        cls, attention = TransformerConfig, dict(
+            num_query_groups=hf["num_key_value_heads"], kv_channels=hf["head_dim"],
+            add_qkv_bias=hf["attention_bias"], qk_layernorm=hf["use_qk_norm"])
+    return cls(
+        **attention,
         num_layers=n,
         hidden_size=hf["hidden_size"],
         num_attention_heads=hf["num_attention_heads"],
-        num_query_groups=hf["num_key_value_heads"],
-        kv_channels=hf["head_dim"],
         ffn_hidden_size=hf["intermediate_size"],
         normalization="RMSNorm",
         layernorm_epsilon=hf["rms_norm_eps"],
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=hf["attention_bias"],
-        qk_layernorm=hf["use_qk_norm"],
         num_moe_experts=hf["n_routed_experts"],
         moe_ffn_hidden_size=hf["moe_intermediate_size"],
         moe_shared_expert_intermediate_size=hf["moe_intermediate_size"] * hf["n_shared_experts"],
@@ -118,12 +148,36 @@ def megatron_config(hf: dict, dtype: torch.dtype, tp: int, ep: int, sp: bool):
     )
 
 
+class SdpaCoreAttention(torch.nn.Module):
+    """Causal attention whose q/k and v heads differ in size, for the local MLA spec: megatron-core
+    0.19.2's DotProductAttention takes no k_channels/v_channels (only Transformer Engine's does, and
+    this machine has none). It holds no parameters, so the keys and weights checked are unchanged;
+    the softmax scale is the one MLA computes."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, softmax_scale=None, **_):
+        super().__init__()
+        self.scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, packed_seq_params=None, **_):
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [s, b, heads, d] -> [b, heads, s, d]
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        s_, b = out.shape[2], out.shape[0]
+        return out.permute(2, 0, 1, 3).reshape(s_, b, -1)
+
+
+def use_sdpa_for_mla(spec) -> None:
+    for layer in spec.layer_specs:
+        layer.submodules.self_attention.submodules.core_attention = SdpaCoreAttention
+
+
 def build_model(hf: dict, dtype, tp, ep, sp):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
 
     cfg = megatron_config(hf, dtype, tp, ep, sp)
     spec = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False, normalization="RMSNorm")
+    if is_mla(hf):
+        use_sdpa_for_mla(spec)
     mtp = get_gpt_mtp_block_spec(cfg, spec, use_transformer_engine=False) if cfg.mtp_num_layers else None
     rope = hf.get("rope_parameters") or {}
     model = GPTModel(
@@ -235,10 +289,22 @@ def save_variants(model, folder: Path, ids: torch.Tensor, logits: torch.Tensor) 
 
 
 def hf_reference(hf_dir: Path, dtype: torch.dtype):
-    from transformers import Glm4MoeForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    model = Glm4MoeForCausalLM.from_pretrained(str(hf_dir), dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype, attn_implementation="sdpa")
+    latent_norm_eps(model)
     return model.cuda().eval()
+
+
+def latent_norm_eps(model) -> None:
+    """With --latent-norm-eps megatron: the q_a/kv_a norms use the model's rms_norm_eps, as megatron-core does."""
+    if LATENT_EPS[0] != "megatron":
+        return
+    for layer in model.model.layers:
+        for name in ("q_a_layernorm", "kv_a_layernorm"):
+            norm = getattr(layer.self_attn, name, None)
+            if norm is not None:
+                norm.variance_epsilon = model.config.rms_norm_eps
 
 
 def hf_mtp_reference(hf_model, hf_dir: Path, ids: torch.Tensor, h_in: torch.Tensor, dtype) -> torch.Tensor:
@@ -249,13 +315,15 @@ def hf_mtp_reference(hf_model, hf_dir: Path, ids: torch.Tensor, h_in: torch.Tens
     enorm/hnorm/eh_proj/shared_head.norm from the safetensors files.
     """
     from safetensors import safe_open
-    from transformers import Glm4MoeForCausalLM
-    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeRMSNorm
+    from transformers import AutoModelForCausalLM
 
     cfg = hf_model.config
     n, h, eps = cfg.num_hidden_layers, cfg.hidden_size, cfg.rms_norm_eps
-    longer = Glm4MoeForCausalLM.from_pretrained(str(hf_dir), dtype=dtype, attn_implementation="sdpa",
-                                                num_hidden_layers=n + 1)
+    extra = {"mlp_layer_types": list(cfg.mlp_layer_types) + ["sparse"]} if getattr(cfg, "mlp_layer_types", None) else {}
+    longer = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype, attn_implementation="sdpa",
+                                                  num_hidden_layers=n + 1, **extra)
+    latent_norm_eps(longer)
+    RMSNorm = type(hf_model.model.norm)  # the architecture's own norm class
     layer = longer.model.layers[n].cuda().eval()
     index = json.loads((hf_dir / "model.safetensors.index.json").read_text())["weight_map"]
 
@@ -264,7 +332,7 @@ def hf_mtp_reference(hf_model, hf_dir: Path, ids: torch.Tensor, h_in: torch.Tens
         with safe_open(str(hf_dir / index[key]), "pt") as f:
             return f.get_tensor(key)
 
-    enorm, hnorm, fnorm = (Glm4MoeRMSNorm(h, eps) for _ in range(3))
+    enorm, hnorm, fnorm = (RMSNorm(h, eps) for _ in range(3))
     enorm.weight.data.copy_(hf("enorm.weight"))
     hnorm.weight.data.copy_(hf("hnorm.weight"))
     fnorm.weight.data.copy_(hf("shared_head.norm.weight"))
@@ -296,7 +364,7 @@ def check_dtype(args, dname, hf, hf_dir, ids, rank, out, report) -> None:
     if "manifest_matches_fixture" not in report:
         manifest = gather_manifest(key_manifest(model))
         if rank == 0:
-            (out / "megatron_keys_tiny.json").write_text(json.dumps(manifest, indent=1) + "\n")
+            (out / args.manifest_name).write_text(json.dumps(manifest, indent=1) + "\n")
             same = None
             if args.fixture:
                 fixture = json.loads(Path(args.fixture).read_text())
@@ -343,6 +411,8 @@ def check_dtype(args, dname, hf, hf_dir, ids, rank, out, report) -> None:
 
 def main() -> int:
     args = parse()
+    MLA_ROPE[0] = args.mla_rope
+    LATENT_EPS[0] = args.latent_norm_eps
     init_dist(args.tp, args.ep)
     rank = torch.distributed.get_rank()
     out = Path(args.out)
