@@ -195,3 +195,23 @@ def test_every_preset_renders_and_plans(preset):
     assert "MODEL_ARGS=(" in render_text(wf, "default")
     findings = planner.run_findings(wf.preset, wf.runs["default"])
     assert not [f for f in findings if f.level == "error"], findings
+
+
+@pytest.mark.parametrize("preset", resolve.preset_names())
+def test_a_broken_variant_of_every_preset_is_refused_with_the_fix(preset):
+    heads = resolve.load({"preset": preset}).preset.model.num_attention_heads
+    with pytest.raises(GlmsnakeError) as e:
+        resolve.load({"preset": preset, "runs": {"r": {"perf": {"tensor_model_parallel_size": 7}}}})
+    assert f"TP=7 does not divide the {heads} attention heads" in e.value.problem
+    assert "fix: set tensor_model_parallel_size to one of [1, 2" in e.value.problem
+
+
+def test_the_planner_refuses_the_docs_one_node_flash_layout_and_names_a_fix_that_fits():
+    """slime's docs give TP 1 / EP 8 for one node: 32k-token samples' fp32 logits over a 154880-entry
+    vocabulary do not fit an H100 at TP 1; the fix the planner names was checked to fit."""
+    wf = resolve.load({"preset": "glm4.7-flash-8xh100", "runs": {"r": {"perf": {
+        "tensor_model_parallel_size": 1, "sequence_parallel": False, "context_parallel_size": 1}}}})
+    with pytest.raises(GlmsnakeError) as e:
+        resolve.refuse_over_budget(wf)  # what `snakemake -n`, `snakemake` and `glmsnake render` call
+    assert "runs.r: training needs" in e.value.problem and "fp32 logits at the loss" in e.value.problem
+    assert "fix: tensor parallel 2" in e.value.problem

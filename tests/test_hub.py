@@ -167,3 +167,34 @@ def hub_module_step(wf: config.Workflow) -> None:
 def hub_repo(hub_server, tiny_hf) -> Path:
     hub_server.add_repo(REPO_ID, tiny_hf)
     return tiny_hf
+
+
+def test_from_hf_fetches_config_json_alone_before_the_download(tmp_path, hub_repo, hub_server):
+    """`model: from_hf` with hub weights: before the download only config.json is fetched (once,
+    kept under base_dir); after it, the downloaded folder's config.json is read."""
+    over = {"model": "from_hf"}
+    wf = workflow(tmp_path, f"hf://{REPO_ID}@main", **over)
+    # The tiny model's args, with slime's fusions on and Megatron's default norm epsilon left unsaid.
+    assert wf.preset.model == resolve.load({}).preset.model.model_copy(update={
+        "moe_grouped_gemm": True, "moe_permute_fusion": True, "norm_epsilon": None})
+    fetched = [p for _, p, _ in hub_server.state.requests if "/resolve/" in p]
+    assert fetched and all(p.endswith("/config.json") for p in fetched), fetched
+    cached = list((tmp_path / "base" / ".hub-configs").glob("*.config.json"))
+    assert [p.name for p in cached] == ["zai-org--Tiny-GLM@main.config.json"]
+    assert not wf.paths.hf_dir.exists()
+    hub_server.state.requests.clear()
+    workflow(tmp_path, f"hf://{REPO_ID}@main", **over)  # loading again asks the hub nothing
+    assert hub_server.state.requests == []
+    weights.download_hf(wf, wf.paths.hf_manifest)
+    cached[0].unlink()
+    hub_server.state.requests.clear()
+    assert workflow(tmp_path, f"hf://{REPO_ID}@main", **over).preset.model == wf.preset.model
+    assert hub_server.state.requests == [], "after the download the downloaded config.json is read"
+
+
+def test_weights_of_another_model_are_refused_right_after_the_download(tmp_path, hub_repo):
+    wf = workflow(tmp_path, f"hf://{REPO_ID}@main", model={"num_experts": 16})
+    with pytest.raises(GlmsnakeError) as e:
+        weights.download_hf(wf, wf.paths.hf_manifest)
+    assert "n_routed_experts: config.json has 8, MODEL args say 16" in e.value.problem
+    assert not wf.paths.hf_manifest.exists() and (wf.paths.hf_dir / "config.json").is_file()  # files kept

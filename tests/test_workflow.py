@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO, run_local, snakemake
 
-PRESETS = ["tiny", "glm4.7-355b-64xh100"]
+PRESETS = ["tiny", "tiny-mla", "glm4.7-355b-64xh100", "glm4.7-flash-8xh100", "glm4.7-flash-16xh100"]
 
 
 def jobs_of(dry_run_output: str) -> dict[str, int]:
@@ -30,13 +30,14 @@ def reasons_of(dry_run_output: str, rule: str) -> list[str]:
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_dry_run_of_train_lists_every_step_with_a_reason(tmp_path, preset):
-    # The 355B preset trains with slime, which runs only on the Slurm launcher.
-    launcher = "launcher=slurm" if preset != "tiny" else "launcher=local"
+    # The GPU presets train with slime, which runs only on the Slurm launcher.
+    launcher = "launcher=slurm" if not preset.startswith("tiny") else "launcher=local"
     out = snakemake(tmp_path, "-n", "train", "--config", f"base_dir={tmp_path / 'base'}", f"preset={preset}",
                     launcher).stdout
     jobs = jobs_of(out)
     assert jobs == {"download_hf": 1, "download_dataset": 2, "convert_torch_dist": 1, "train_run": 1, "train": 1}
-    assert reasons_of(out, "download_hf") == [f"Missing output files: {tmp_path / 'base'}/{'tiny-glm4moe' if preset == 'tiny' else 'GLM-4.7-355B-A32B'}/glmsnake.manifest.json"]
+    name = {"tiny": "tiny-glm4moe", "tiny-mla": "tiny-glm4moe-lite", "glm4.7-355b-64xh100": "GLM-4.7-355B-A32B"}.get(preset, "GLM-4.7-Flash")
+    assert reasons_of(out, "download_hf") == [f"Missing output files: {tmp_path / 'base'}/{name}/glmsnake.manifest.json"]
     assert not (tmp_path / "base").exists(), "a dry run writes nothing"
 
 
