@@ -36,15 +36,18 @@ def _pipeline_split(layers: int, pp: int, first: int | None, last: int | None) -
     remaining stages share the remaining layers evenly."""
     if first is None and last is None:
         if layers % pp:
-            return [(f"PP={pp} does not divide the {layers} layers",
-                     f"set perf.decoder_last_pipeline_num_layers (e.g. {layers - (pp - 1) * (layers // pp)} puts "
-                     f"{layers // pp} layers on each other stage), or a PP dividing {layers}")]
+            # As slime's converter splits: the last stage (output layer, loss, MTP) takes the fewest.
+            each = -(-layers // pp)
+            last = layers - (pp - 1) * each
+            hint = (f"set perf.decoder_last_pipeline_num_layers: {last} ({each} on each other stage), or "
+                    if last > 0 else "choose ")
+            return [(f"PP={pp} does not divide the {layers} layers", f"{hint}a PP dividing {layers}")]
         return []
     if pp == 1:
         return [("decoder_first/last_pipeline_num_layers need pipeline parallelism", "set pipeline_model_parallel_size >= 2, or drop them")]
     middle = pp - (first is not None) - (last is not None)
     rest = layers - (first or 0) - (last or 0)
-    if rest < 0 or (middle and rest % middle) or (not middle and rest):
+    if rest < 0 or bool(rest) != bool(middle) or (middle and rest % middle):
         return [(f"with {first or 0} layers first and {last or 0} last, the other {middle} pipeline stages cannot "
                  f"split the remaining {rest} of {layers} layers evenly",
                  "choose decoder_first/last_pipeline_num_layers so that the rest divides evenly")]
@@ -137,6 +140,15 @@ def check_run(preset: "Preset", run: "Run") -> list[tuple[str, str]]:
             )
 
     r = run.rollout
+    dp = gpus // (tp * pp * cp) if gpus % (tp * pp * cp) == 0 else 0
+    if r.global_batch_size and r.global_batch_size > r.samples_per_rollout:
+        out.append((f"global_batch_size={r.global_batch_size} is more than a rollout's {r.samples_per_rollout} samples "
+                    f"(rollout_batch_size x n_samples_per_prompt)", f"set global_batch_size <= {r.samples_per_rollout}"))
+    mbs = run.perf.micro_batch_size or 1
+    if r.global_batch_size and dp and r.global_batch_size % (mbs * dp):
+        # Megatron's micro-batch calculator asserts this at start-up, after the allocation.
+        out.append((f"global_batch_size={r.global_batch_size} is not a multiple of micro_batch_size x DP = {mbs} x {dp}",
+                    f"choose a global_batch_size that {mbs * dp} divides"))
     if r.num_steps_per_rollout and r.global_batch_size and \
             r.global_batch_size != r.rollout_batch_size * r.n_samples_per_prompt // r.num_steps_per_rollout:
         # slime's own check at start-up (after the allocation): the two must agree.
@@ -175,9 +187,12 @@ def check_run(preset: "Preset", run: "Run") -> list[tuple[str, str]]:
 
 
 def check_model(preset: "Preset") -> list[tuple[str, str]]:
-    """MODEL args that make no GLM-4-MoE: caught here, not as a ZeroDivisionError in conversion."""
+    """MODEL args that make no GLM MoE: caught here, not as a ZeroDivisionError in conversion."""
     m = preset.model
     out = []
+    if m.multi_latent_attention and m.group_query_attention:
+        out.append(("multi_latent_attention and group_query_attention are both on; Megatron refuses the pair at start-up",
+                    "drop group_query_attention (GLM-4.7-Flash's MLA has none)"))
     if m.num_attention_heads % m.query_groups:
         out.append((f"num_query_groups={m.query_groups} does not divide num_attention_heads={m.num_attention_heads}",
                     f"set num_query_groups to one of {_divisors(m.num_attention_heads)}"))
@@ -186,7 +201,7 @@ def check_model(preset: "Preset") -> list[tuple[str, str]]:
                     f"set moe_router_topk <= {m.num_experts}"))
     if m.moe_shared_expert_intermediate_size % m.moe_ffn_hidden_size:
         out.append((f"moe_shared_expert_intermediate_size={m.moe_shared_expert_intermediate_size} is not a multiple "
-                    f"of moe_ffn_hidden_size={m.moe_ffn_hidden_size} (GLM-4-MoE's shared experts are whole experts)",
+                    f"of moe_ffn_hidden_size={m.moe_ffn_hidden_size} (GLM's shared experts are whole experts)",
                     f"set it to a multiple of {m.moe_ffn_hidden_size}"))
     return out
 

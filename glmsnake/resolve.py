@@ -99,7 +99,10 @@ def read_preset(name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
         return data
     if base in _seen + (name,):
         raise GlmsnakeError(f"preset {name!r} extends {base!r}, which extends it back", "break the circle of `extends:`")
-    return deep_merge(read_preset(str(base), _seen + (name,)), data)
+    parent = read_preset(str(base), _seen + (name,))
+    if isinstance(data.get("model"), dict) and isinstance(parent.get("model"), str) and parent["model"] != model_files.FROM_HF:
+        parent["model"] = model_files.read_model_file(parent["model"])  # so the child's keys merge onto the file's
+    return deep_merge(parent, data)
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -123,11 +126,12 @@ def with_model(preset_file: dict[str, Any], user: UserConfig, origin: Path | Non
     def resolve(model: Any) -> Any:
         return model_files.resolve_model(model, merged.get("weights", {}).get("source"), lambda: _weights_config(merged, user, origin))
 
-    model = resolve(preset_file.get("model"))
-    if isinstance(over_model, dict) and isinstance(model, dict):
-        model = deep_merge(model, over_model)
-    elif over_model is not None:
-        model = resolve(over_model)
+    if over_model is not None and not isinstance(over_model, dict):
+        model = resolve(over_model)  # a whole other model: the preset's own is never read
+    else:
+        model = resolve(preset_file.get("model"))
+        if isinstance(over_model, dict) and isinstance(model, dict):
+            model = deep_merge(model, over_model)
     merged["model"] = model
     return merged
 

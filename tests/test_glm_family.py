@@ -215,3 +215,79 @@ def test_the_planner_refuses_the_docs_one_node_flash_layout_and_names_a_fix_that
         resolve.refuse_over_budget(wf)  # what `snakemake -n`, `snakemake` and `glmsnake render` call
     assert "runs.r: training needs" in e.value.problem and "fp32 logits at the loss" in e.value.problem
     assert "fix: tensor parallel 2" in e.value.problem
+
+
+# config.json as HF checkpoints of the family write it: rope fields at the top level, no
+# rope_parameters, the dense layers as first_k_dense_replace (GLM-4.5/4.6/4.7 and 4.7-Flash's shape).
+GLM47_CONFIG = {
+    "model_type": "glm4_moe", "architectures": ["Glm4MoeForCausalLM"], "hidden_size": 5120, "num_hidden_layers": 92,
+    "num_attention_heads": 96, "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 12288,
+    "moe_intermediate_size": 1536, "n_routed_experts": 160, "n_shared_experts": 1, "num_experts_per_tok": 8,
+    "routed_scaling_factor": 2.5, "first_k_dense_replace": 3, "vocab_size": 151552, "attention_bias": True,
+    "use_qk_norm": True, "tie_word_embeddings": False, "num_nextn_predict_layers": 1, "rope_theta": 1000000,
+    "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-05, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
+}
+FLASH_CONFIG = {
+    "model_type": "glm4_moe_lite", "architectures": ["Glm4MoeLiteForCausalLM"], "hidden_size": 2048,
+    "num_hidden_layers": 47, "num_attention_heads": 20, "num_key_value_heads": 20, "q_lora_rank": 768,
+    "kv_lora_rank": 512, "qk_nope_head_dim": 192, "qk_rope_head_dim": 64, "v_head_dim": 256,
+    "intermediate_size": 10240, "moe_intermediate_size": 1536, "n_routed_experts": 64, "n_shared_experts": 1,
+    "num_experts_per_tok": 4, "routed_scaling_factor": 1.8, "first_k_dense_replace": 1, "vocab_size": 154880,
+    "tie_word_embeddings": False, "num_nextn_predict_layers": 1, "rope_theta": 1000000, "rms_norm_eps": 1e-05,
+}
+
+
+@pytest.mark.parametrize("cfg, model_file", [(GLM47_CONFIG, "glm4.7-355b-a32b"), (FLASH_CONFIG, "glm4.7-30b-a3b")])
+def test_a_checkpoints_own_config_json_gives_the_model_file_and_passes_the_check(cfg, model_file):
+    m = ModelArgs.model_validate(yaml.safe_load((REPO / "config" / "models" / f"{model_file}.yaml").read_text()))
+    arch = architectures.of_hf_config(cfg)
+    assert arch.model_args(cfg) == m.model_dump(exclude_unset=True)
+    arch.check_hf_config(cfg, m, "/w")
+    # A field config.json leaves out is transformers' default on both sides: derived, then accepted.
+    sparse = {k: v for k, v in cfg.items() if k not in ("head_dim", "attention_bias", "routed_scaling_factor",
+                                                        "partial_rotary_factor", "num_key_value_heads")}
+    derived = ModelArgs.model_validate(arch.model_args(sparse))
+    arch.check_hf_config(sparse, derived, "/w")
+
+
+def test_pipeline_split_follows_megatrons_rule():
+    from glmsnake.parallel_layout import _pipeline_split, pipeline_layers
+
+    assert pipeline_layers(47, 2, None, 23) == [24, 23] and pipeline_layers(92, 4, None, None) == [23] * 4
+    assert _pipeline_split(47, 2, None, 23) == [] and _pipeline_split(92, 4, None, None) == []
+    (problem, fix), = _pipeline_split(47, 2, None, None)
+    assert problem == "PP=2 does not divide the 47 layers" and "decoder_last_pipeline_num_layers: 23 (24 on each" in fix
+    assert _pipeline_split(47, 3, 24, 23)[0][0].startswith("with 24 layers first and 23 last, the other 1 pipeline")
+    assert _pipeline_split(47, 3, 10, 10) == [] and pipeline_layers(47, 3, 10, 10) == [10, 27, 10]
+    assert _pipeline_split(47, 4, 10, 10)[0][0].endswith("other 2 pipeline stages cannot split the remaining 27 of 47 layers evenly")
+    assert "need pipeline parallelism" in _pipeline_split(47, 1, None, 23)[0][0]
+
+
+def test_global_batch_size_must_fit_a_rollout_and_megatrons_micro_batches():
+    def problems(**rollout):
+        with pytest.raises(GlmsnakeError) as e:
+            resolve.load({"preset": "glm4.7-flash-8xh100", "runs": {"r": {"rollout": rollout}}})
+        return e.value.problem
+
+    # 8 GPUs, TP 2 x CP 2: DP 2.
+    assert "global_batch_size=1023 is not a multiple of micro_batch_size x DP = 1 x 2" in problems(global_batch_size=1023)
+    assert "global_batch_size=4096 is more than a rollout's 1024 samples" in problems(global_batch_size=4096)
+    assert "global_batch_size=512 disagrees with rollout_batch_size x n_samples_per_prompt / num_steps_per_rollout" \
+        in problems(global_batch_size=512, num_steps_per_rollout=4)
+    ok = resolve.load({"preset": "glm4.7-flash-8xh100", "runs": {"r": {"rollout": {"global_batch_size": 256}}}})
+    assert ok.runs["r"].rollout.steps_per_rollout == 4
+    # Neither said: one optimizer step a rollout, on the command line (not Megatron's mbs x DP).
+    assert ModelArgs is not None and resolve.load({}).runs["default"].rollout.num_steps_per_rollout == 1
+
+
+def test_extends_merges_a_childs_model_keys_onto_the_parents_model_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(resolve, "PRESET_DIR", tmp_path)
+    shutil.copy(REPO / "config" / "presets" / "tiny.yaml", tmp_path / "tiny.yaml")
+    (tmp_path / "wide.yaml").write_text("extends: tiny\nmodel: {vocab_size: 256}\n")
+    (tmp_path / "a.yaml").write_text("extends: b\n")
+    (tmp_path / "b.yaml").write_text("extends: a\n")
+    wf = resolve.load({"preset": "wide"})
+    assert wf.preset.model.vocab_size == 256 and wf.preset.model.num_layers == 3
+    with pytest.raises(GlmsnakeError) as e:
+        resolve.read_preset("a")
+    assert "extends 'a', which extends it back" in e.value.problem

@@ -130,3 +130,64 @@ def test_every_rank_gets_the_verdict_and_a_silent_node_is_named(tmp_path, monkey
     assert sorted(verdict["seconds"]) == ["n0", "n1"] and verdict["excludable"] == ["n2"]
     with pytest.raises(preflight.PreflightFailed):  # a late task reads the same verdict
         preflight.run(spec, tmp_path, 2, 0, "n2", 3)
+
+
+def _run_nodes(tmp_path, monkeypatch, spec, ranks, nodes=3):
+    """preflight.run as `nodes` nodes' first tasks call it (threads here); only `ranks` take part."""
+    import threading
+
+    from glmsnake.launch import preflight
+
+    monkeypatch.setenv("GLMSNAKE_NODE_ADDRS", ",".join(f"n{r}=127.0.0.1" for r in range(nodes)))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(preflight.shutil, "which", lambda name: None)  # no nvidia-smi here
+    out: dict = {}
+
+    def task(rank: int) -> None:
+        try:
+            out[rank] = preflight.run(spec, tmp_path, rank, 0, f"n{rank}", nodes, node_rank=rank, address="127.0.0.1")
+        except preflight.PreflightFailed as e:
+            out[rank] = e
+
+    threads = [threading.Thread(target=task, args=(r,)) for r in ranks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+def test_an_all_reduce_across_the_nodes_sums_every_rank(tmp_path, monkeypatch):
+    """One gloo all-reduce (torch's TCPStore on the head's address, one process group per node)."""
+    import json
+
+    out = _run_nodes(tmp_path, monkeypatch, PreflightSpec(gpus_per_node=0, nodes=3, deadline_s=20.0), range(3))
+    assert all(v["ok"] for v in out.values()), out
+    for n in range(3):
+        net = json.loads((tmp_path / "preflight" / f"n{n}.json").read_text())["allreduce"]
+        assert net["ok"] and net["sum"] == net["want"] == 6.0 and net["seconds"] < 10
+
+
+def test_a_node_missing_from_the_all_reduce_is_named_within_the_deadline(tmp_path, monkeypatch):
+    import time
+
+    from glmsnake.launch import preflight
+
+    t0 = time.monotonic()
+    out = _run_nodes(tmp_path, monkeypatch, PreflightSpec(gpus_per_node=0, nodes=3, deadline_s=3.0), (0, 1))
+    assert time.monotonic() - t0 < 15
+    assert isinstance(out[0], preflight.PreflightFailed) and out[0].bad_nodes == ["n2"]  # n1 waited, and is fine
+    assert "network: n2 did not join the all-reduce across the nodes before the deadline" in str(out[0])
+
+
+def test_a_missing_network_interface_is_a_finding_with_the_fix(tmp_path, monkeypatch):
+    from glmsnake.launch import preflight
+
+    spec = PreflightSpec(gpus_per_node=0, nodes=1, interface="nosuch0")
+    monkeypatch.setattr(preflight.shutil, "which", lambda name: None)
+    rep = preflight.node_report(spec, tmp_path, None)
+    assert "network interface 'nosuch0' has no IPv4 address" in rep["interface_error"]
+    verdict = preflight.judge(spec, {"n0": rep, "n1": {**rep, "interface_error": None}}, tmp_path)
+    assert verdict["bad_nodes"] == ["n0"] and verdict["failures"][0]["check"] == "network"
+    assert "set `slurm.network_interface` to an interface every node has" in verdict["failures"][0]["fix"]
+    assert verdict["excludable"] == ["n0"]

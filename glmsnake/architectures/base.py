@@ -191,27 +191,31 @@ class GlmMoeArchitecture:
     def attention_args(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 
+    def hf_defaults(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """What transformers takes for a field config.json leaves out (model_args reads the same)."""
+        return {"num_nextn_predict_layers": 0, "tie_word_embeddings": False, "first_k_dense_replace": 0,
+                "routed_scaling_factor": 1.0, "n_shared_experts": 0}
+
     def check_hf_config(self, config: Mapping[str, Any], m: "ModelArgs", where: str) -> None:
-        """Raise, naming every field, when a config.json disagrees with the MODEL args."""
+        """Raise, naming every field, when a config.json disagrees with the MODEL args (a field it
+        leaves out counts as transformers' default)."""
         bad = []
         if config.get("model_type") != self.model_type:
             bad.append(f"model_type: config.json has {config.get('model_type')!r}, MODEL args say {self.model_type!r}")
         else:
             want = self.hf_fields(m)
-            have_cfg = dict(config)
+            have_cfg = self.hf_defaults(config) | {k: v for k, v in config.items() if v is not None}
             if "mlp_layer_types" in have_cfg:
                 have_cfg["first_k_dense_replace"] = dense_prefix(have_cfg)
             for key, value in want.items():
                 have = have_cfg.get(key)
-                if have is None and key in ("num_nextn_predict_layers", "tie_word_embeddings", "first_k_dense_replace"):
-                    have = {"tie_word_embeddings": False}.get(key, 0)
                 if have != value:
                     bad.append(f"{key}: config.json has {have!r}, MODEL args say {value!r}")
             rope = config.get("rope_parameters") or {}
             for key, mine in self.rope_fields(m).items():
                 if key == "rope_type":
                     continue
-                theirs = rope.get(key, config.get(key))
+                theirs = rope.get(key, config.get(key, self.hf_defaults(config).get(key)))
                 if theirs is not None and float(theirs) != float(mine):
                     bad.append(f"{key}: config.json has {theirs!r}, MODEL args say {mine!r}")
         if bad:

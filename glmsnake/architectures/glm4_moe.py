@@ -15,6 +15,9 @@ if TYPE_CHECKING:
     from glmsnake.recipe.args import ModelArgs
 
 
+PARTIAL_ROTARY = 0.5  # transformers' Glm4MoeConfig default, where config.json says nothing
+
+
 class Glm4Moe(GlmMoeArchitecture):
     model_type = "glm4_moe"
     config_class = "Glm4MoeConfig"
@@ -26,7 +29,7 @@ class Glm4Moe(GlmMoeArchitecture):
 
     def attention_fields(self, m: "ModelArgs") -> dict[str, Any]:
         return {
-            "num_key_value_heads": m.num_query_groups,
+            "num_key_value_heads": m.query_groups,
             "head_dim": m.kv_channels,
             "attention_bias": m.add_qkv_bias,
             "use_qk_norm": m.qk_layernorm,
@@ -34,6 +37,13 @@ class Glm4Moe(GlmMoeArchitecture):
 
     def rope_fields(self, m: "ModelArgs") -> dict[str, Any]:
         return super().rope_fields(m) | {"partial_rotary_factor": m.rotary_percent}
+
+    def hf_defaults(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        get = config_getter(cfg)
+        heads = int(get("num_attention_heads") or 1)
+        return super().hf_defaults(cfg) | {"num_key_value_heads": heads, "attention_bias": False, "use_qk_norm": False,
+                                           "head_dim": int(get("hidden_size") or 0) // heads,
+                                           "partial_rotary_factor": PARTIAL_ROTARY}
 
     def attention_args(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
         get = config_getter(cfg)
@@ -45,7 +55,7 @@ class Glm4Moe(GlmMoeArchitecture):
             "num_query_groups": int(get("num_key_value_heads") or heads),
             "kv_channels": int(get("head_dim") or int(get("hidden_size")) // heads),
             "add_qkv_bias": bool(get("attention_bias", False)),
-            "rotary_percent": float(rope.get("partial_rotary_factor", get("partial_rotary_factor", 1.0))),
+            "rotary_percent": float(rope.get("partial_rotary_factor", get("partial_rotary_factor", PARTIAL_ROTARY))),
             "moe_token_dispatcher_type": "alltoall",  # as slime's glm4.5 model scripts have it
         }
 
@@ -73,7 +83,7 @@ class Glm4Moe(GlmMoeArchitecture):
         return Layout(norms, singleton_in(keys))
 
     def attention_shapes(self, m: "ModelArgs") -> list[tuple[int, ...]]:
-        h, q, kv = m.hidden_size, m.num_attention_heads * m.kv_channels, m.num_query_groups * m.kv_channels
+        h, q, kv = m.hidden_size, m.num_attention_heads * m.kv_channels, m.query_groups * m.kv_channels
         shapes: list[tuple[int, ...]] = [(q, h), (kv, h), (kv, h), (h, q)]
         shapes += [(q,), (kv,), (kv,)] if m.add_qkv_bias else []
         shapes += [(m.kv_channels,), (m.kv_channels,)] if m.qk_layernorm else []

@@ -33,6 +33,9 @@ class Glm4MoeLite(GlmMoeArchitecture):
     def matches(self, m: "ModelArgs") -> bool:
         return m.multi_latent_attention
 
+    def hf_defaults(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        return super().hf_defaults(cfg) | {"num_key_value_heads": config_getter(cfg)("num_attention_heads")}
+
     def attention_fields(self, m: "ModelArgs") -> dict[str, Any]:
         if not m.qk_layernorm:
             raise GlmsnakeError(

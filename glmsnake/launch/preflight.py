@@ -9,6 +9,10 @@ Ray or slime start. The verdict lists the bad nodes: with `slurm.exclude_bad_nod
 launcher submits once more without them (launch/run.py).
 
 `nvidia-smi` is asked where it exists; without it (CPU nodes) only what Slurm says is checked.
+
+The network is checked twice: the configured interface must have an address on every node, and
+one small all-reduce across the nodes (gloo, one process per node, over each node's address)
+must finish before the deadline. A node that never joins it is named.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ class PreflightSpec:
     nodes: int
     room_bytes: int = 0  # free space the step will need under the job folder (on base_dir)
     deadline_s: float = 60.0
+    interface: str | None = None  # slurm.network_interface: must have an address on every node
+    allreduce: bool = True  # one gloo all-reduce across the nodes (needs torch in the task's Python)
 
 
 # --------------------------------------------------------------------------- one node
@@ -117,6 +123,12 @@ def visible_gpus() -> int | None:
 def node_report(spec: PreflightSpec, folder: Path, token: str | None) -> dict[str, Any]:
     """This node's facts, for rank 0 to judge; `token`: what this node read back from the shared folder."""
     t0 = time.monotonic()
+    interface: dict[str, Any] = {}
+    if spec.interface:
+        try:
+            interface["interface_address"] = addresses.interface_address(spec.interface)
+        except GlmsnakeError as e:
+            interface["interface_error"] = e.problem
     rep: dict[str, Any] = {
         "visible_gpus": visible_gpus(),
         "image": knobs.CONTAINER_IMAGE.raw(),
@@ -125,6 +137,7 @@ def node_report(spec: PreflightSpec, folder: Path, token: str | None) -> dict[st
         "nccl": _package_version("nvidia-nccl-cu12") or _package_version("nvidia-nccl-cu13"),
         "ray": _package_version("ray"),
     }
+    rep.update(interface)
     rep["token"] = token  # rank 0 compares it with what it wrote: the same shared folder?
     free = shutil.disk_usage(folder).free
     rep["free_bytes"] = free
@@ -174,6 +187,67 @@ def _job_gpu_indices(all_indices: set[str]) -> set[str]:
     return set(cvd) & all_indices if cvd and len(all_indices) > len(cvd) else all_indices
 
 
+# --------------------------------------------------------------------------- the network, all nodes at once
+
+STORE = "store"  # rank 0's TCPStore address for the all-reduce, written before the token
+
+
+def start_store(address: str, nodes: int, timeout_s: float) -> tuple[Any, str] | None:
+    """Rank 0: the all-reduce's rendezvous (torch's TCPStore) on this node's address; None without torch."""
+    try:
+        from datetime import timedelta
+
+        from torch.distributed import TCPStore
+    except ImportError:
+        return None
+    port = addresses.free_port(address)
+    store = TCPStore(address, port, nodes, True, timedelta(seconds=timeout_s), wait_for_workers=False)
+    return store, f"{address}:{port}"
+
+
+def allreduce(where: str | None, node: str, node_rank: int, nodes: int, address: str, deadline: float,
+              store: Any = None) -> dict[str, Any]:
+    """Sum node_rank + 1 over every node with gloo over each node's own address; rank 0 also
+    names the nodes that never reached the rendezvous."""
+    t0 = time.monotonic()
+    if where is None:
+        return {"skipped": "torch is not importable in the task's Python"}
+    try:
+        from datetime import timedelta
+
+        import torch
+        import torch.distributed as dist
+    except ImportError as e:
+        return {"skipped": f"torch is not importable ({e})"}
+    timeout = timedelta(seconds=max(1.0, deadline - time.monotonic()))
+    host, port = where.rsplit(":", 1)
+    try:
+        if store is None:
+            store = dist.TCPStore(host, int(port), nodes, False, timeout)
+        store.set(f"joined/{node}", "1")
+        opts = dist.ProcessGroupGloo._Options()
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=address)]
+        opts._timeout = timeout
+        group = dist.ProcessGroupGloo(dist.PrefixStore("glmsnake-preflight", store), node_rank, nodes, opts)
+        value = torch.tensor([float(node_rank + 1)])
+        group.allreduce([value]).wait(timeout)
+        want = nodes * (nodes + 1) / 2
+        out: dict[str, Any] = {"ok": float(value) == want, "sum": float(value), "want": want}
+    except Exception as e:  # a timeout or a refused connection: the report says which
+        out = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+    if node_rank == 0 and not out["ok"] and store is not None:
+        out["joined"] = sorted(n for n in _job_nodes() or [] if _has_key(store, f"joined/{n}"))
+    out["seconds"] = round(time.monotonic() - t0, 3)
+    return out
+
+
+def _has_key(store: Any, key: str) -> bool:
+    try:
+        return store.check([key])
+    except Exception:
+        return False
+
+
 # --------------------------------------------------------------------------- all nodes, on rank 0
 
 CONSISTENT = (("driver", "GPU driver"), ("cuda", "CUDA"), ("nccl", "NCCL"), ("torch", "torch"),
@@ -214,10 +288,14 @@ def judge(spec: PreflightSpec, reports: dict[str, dict[str, Any] | None], folder
         if rep.get("ecc_gpus"):
             fail(node, "gpus", f"GPU(s) {', '.join(rep['ecc_gpus'])} on {node} report uncorrected ECC errors",
                  "leave the node out and report it to the admins")
+        if rep.get("interface_error"):
+            fail(node, "network", rep["interface_error"],
+                 "set `slurm.network_interface` to an interface every node has (see `ip -4 addr`), or leave the node out")
         if spec.room_bytes and rep.get("free_bytes", 0) < spec.room_bytes:
             fail(node, "space", f"{node} sees {rep['free_bytes'] / 1e9:.1f} GB free under {folder}, the step will "
                  f"write about {spec.room_bytes / 1e9:.1f} GB", "free space under base_dir, or move base_dir")
     good = {n: r for n, r in reports.items() if r is not None}
+    _judge_allreduce(good, list(reports), fail)
     for key, what in CONSISTENT:
         values: dict[str, list[str]] = {}
         for node, rep in good.items():
@@ -245,6 +323,24 @@ def judge(spec: PreflightSpec, reports: dict[str, dict[str, Any] | None], folder
             "seconds": {n: r["seconds"] for n, r in good.items()}}
 
 
+def _judge_allreduce(good: dict[str, dict[str, Any]], nodes: list[str], fail) -> None:
+    """Name the nodes the all-reduce did not reach (from the head's report), or, where every node
+    joined and it still failed, the all-reduce itself."""
+    results = {n: r["allreduce"] for n, r in good.items() if isinstance(r.get("allreduce"), dict)}
+    failed = {n: a for n, a in results.items() if a.get("ok") is False}
+    if not failed:
+        return
+    joined = next((a["joined"] for a in results.values() if "joined" in a), None)
+    absent = [n for n in nodes if joined is not None and n not in joined]
+    for n in absent:
+        fail(n, "network", f"{n} did not join the all-reduce across the nodes before the deadline",
+             "check the node's network (the interface in `slurm.network_interface`), or leave it out")
+    if not absent:
+        first = next(iter(failed.values()))
+        fail(",".join(sorted(failed)), "network", f"an all-reduce across the nodes failed: {first.get('error', first)}",
+             "check the network between the nodes (`slurm.network_interface`), then run `glmsnake preflight`")
+
+
 def explain(verdict: dict[str, Any]) -> PreflightFailed:
     """The error for a failed verdict: every failure, then one fix."""
     lines = [f"{f['check']}: {f['problem']}" for f in verdict["failures"]]
@@ -260,20 +356,33 @@ def explain(verdict: dict[str, Any]) -> PreflightFailed:
 # --------------------------------------------------------------------------- in every task
 
 
-def run(spec: PreflightSpec, folder: Path, rank: int, local_rank: int, node: str, nodes_total: int) -> dict[str, Any]:
+def run(spec: PreflightSpec, folder: Path, rank: int, local_rank: int, node: str, nodes_total: int,
+        node_rank: int | None = None, address: str = "127.0.0.1") -> dict[str, Any]:
     """Every task calls this before its work: the verdict, or PreflightFailed (on every rank)."""
     folder = Path(folder)
     reports_dir = folder / REPORTS
     verdict_path = folder / VERDICT
     t0 = time.monotonic()
     deadline = time.monotonic() + spec.deadline_s
+    node_rank = rank if node_rank is None else node_rank
+    store = None
+    net = spec.allreduce and nodes_total > 1
     if rank == 0:
         reports_dir.mkdir(parents=True, exist_ok=True)
+        if net and (started := start_store(address, nodes_total, spec.deadline_s)):
+            store, where = started
+            atomic.write_bytes(reports_dir / STORE, where.encode())
         token = os.urandom(16).hex()
         atomic.write_bytes(reports_dir / "token", token.encode())
     if local_rank == 0:
         seen = _wait_text(reports_dir / "token", deadline)
-        atomic.write_json(reports_dir / f"{node}.json", node_report(spec, folder, seen))
+        rep = node_report(spec, folder, seen)
+        if net:
+            where = (reports_dir / STORE).read_text() if (reports_dir / STORE).is_file() else None
+            # It ends before the reports' deadline, so a node waiting on a silent one still reports in time.
+            margin = max(0.5, min(10.0, 0.2 * spec.deadline_s))
+            rep["allreduce"] = allreduce(where, node, node_rank, nodes_total, address, deadline - margin, store)
+        atomic.write_json(reports_dir / f"{node}.json", rep)
     if rank == 0:
         reports: dict[str, dict[str, Any] | None] = {}
         while True:

@@ -126,7 +126,14 @@ class Task:
         else:
             node_rank, local_rank = env.node, env.local_rank
             node = os.environ.get("SLURMD_NODENAME") or env.hostname
-            address = addresses.this_node_address(self.interface)
+            try:
+                address = addresses.this_node_address(self.interface)
+            except GlmsnakeError:
+                if self.preflight_spec is None:
+                    raise
+                # Preflight names the missing interface with this node among the others'
+                # findings (and can leave the node out); until then, Slurm's address will do.
+                address = addresses.this_node_address(None)
         if self.launcher == "slurm" and not hasattr(self, "checkpoint"):
             # Not checkpointable: Slurm's early USR2 (before the time limit) must not end the
             # step early (submitit would raise); the step keeps its whole time limit.
@@ -141,7 +148,8 @@ class Task:
         try:
             check_image(self.needs)
             if self.preflight_spec is not None:  # before the port is picked: it may take a while
-                verdict = preflight.run(self.preflight_spec, folder.path, rank, local_rank, node, env.num_nodes)
+                verdict = preflight.run(self.preflight_spec, folder.path, rank, local_rank, node, env.num_nodes,
+                                        node_rank=node_rank, address=address)
                 os.environ[knobs.NVLS_ENABLE.name] = str(verdict["nvls"])
             if rank == 0:
                 port = addresses.free_port(address)

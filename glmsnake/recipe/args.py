@@ -164,20 +164,30 @@ class RolloutArgs(FlagGroup):
     global_batch_size: PositiveInt | None = None
     over_sampling_batch_size: PositiveInt | None = None
     dynamic_sampling_filter_path: str | None = None
-    num_steps_per_rollout: PositiveInt | None = None  # slime: None means global_batch_size decides (default: one step)
+    num_steps_per_rollout: PositiveInt | None = None  # None with global_batch_size: that decides; with neither: 1
     balance_data: bool = False
     rollout_stop_token_ids: list[int] | None = None
     rollout_seed: int | None = None
 
+    @model_validator(mode="after")
+    def _one_step_unless_said(self) -> "RolloutArgs":
+        # With neither set, Megatron would make global_batch_size = micro-batch x DP (many steps a
+        # rollout); glmsnake's default is one optimizer step per rollout, said on the command line.
+        if self.num_steps_per_rollout is None and self.global_batch_size is None:
+            self.num_steps_per_rollout = 1
+        return self
+
+    @property
+    def samples_per_rollout(self) -> int:
+        return self.rollout_batch_size * self.n_samples_per_prompt
+
     @property
     def steps_per_rollout(self) -> int:
         """Optimizer steps per rollout, as slime derives them: num_steps_per_rollout, else
-        rollout_batch_size x n_samples_per_prompt / global_batch_size, else one."""
+        rollout_batch_size x n_samples_per_prompt / global_batch_size."""
         if self.num_steps_per_rollout:
             return self.num_steps_per_rollout
-        if self.global_batch_size:
-            return max(1, self.rollout_batch_size * self.n_samples_per_prompt // self.global_batch_size)
-        return 1
+        return max(1, self.samples_per_rollout // (self.global_batch_size or self.samples_per_rollout))
 
 
 class EvalArgs(FlagGroup):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,7 @@ def test_glmsnake_preflight_checks_a_fresh_allocation(slurm_cluster, tmp_path, m
     assert "preflight: 3 node(s) x 8 GPU(s) passed" in ok.stdout and "NCCL_NVLS_ENABLE=1" in ok.stdout
     lines = [ln for ln in ok.stdout.splitlines() if ln.startswith("  node")]
     assert len(lines) == 3 and all("GPUs 8, driver 550.54.15, CUDA 12.4" in ln for ln in lines), ok.stdout
+    assert all(re.search(r"all-reduce \d+\.\d\d s", ln) for ln in lines), ok.stdout  # gloo across the 3 nodes
     _gpus(tmp_path, monkeypatch, {"node2": {"driver": "535.104.05"}})
     bad = subprocess.run(cmd, capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
@@ -126,3 +128,17 @@ def test_a_node_that_does_not_see_the_shared_folder_is_named_and_left_out(slurm_
         excluding = Cluster(launcher="slurm", slurm=SlurmSettings(partition="debug", exclude_bad_nodes=True))
         rec = run_job(excluding, _job(tmp_path, 3, "unseen_excluded"), task_env)
     assert rec.excluded == ["node2"] and "node2" not in rec.nodes and len(rec.results) == 3
+
+
+def test_a_missing_network_interface_is_named_on_every_node(slurm_cluster, tmp_path):
+    """`slurm.network_interface` that no node has: each node's preflight names it (the tasks use
+    Slurm's addresses until then), and exclusion leaves no one out: the problem is the setting."""
+    cluster = Cluster(launcher="slurm", slurm=SlurmSettings(partition="debug", network_interface="nosuch0",
+                                                            exclude_bad_nodes=True))
+    with pytest.raises(TaskFailed) as e:
+        run_job(cluster, _job(tmp_path, 2, "no_iface"), task_env)
+    msg = str(e.value)
+    for node in ("node1", "node2"):
+        assert f"network: network interface 'nosuch0' has no IPv4 address on {node}" in msg, msg[:3000]
+    assert "set `slurm.network_interface` to an interface every node has" in msg
+    assert len(list((tmp_path / "logs" / "submitit").glob("*/preflight.json"))) == 1  # not submitted again
