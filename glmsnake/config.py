@@ -216,6 +216,8 @@ class Slurm(Strict):
     exclude_bad_nodes: bool = Field(
         False, description="a node that fails preflight is left out and the job submitted again")
     preflight_retries: int = Field(2, ge=0, le=10, description="at most this many resubmissions without bad nodes")
+    preflight_allreduce: bool = Field(True, description="preflight ends with one small all-reduce across the "
+                                      "nodes: a full TCP mesh over each node's address, the connections gloo makes")
 
 
 class TrainingGroups(Strict):

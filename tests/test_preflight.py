@@ -158,7 +158,7 @@ def _run_nodes(tmp_path, monkeypatch, spec, ranks, nodes=3):
 
 
 def test_an_all_reduce_across_the_nodes_sums_every_rank(tmp_path, monkeypatch):
-    """One gloo all-reduce (torch's TCPStore on the head's address, one process group per node)."""
+    """One all-reduce over a full TCP mesh between the nodes' addresses."""
     import json
 
     out = _run_nodes(tmp_path, monkeypatch, PreflightSpec(gpus_per_node=0, nodes=3, deadline_s=20.0), range(3))
@@ -177,7 +177,7 @@ def test_a_node_missing_from_the_all_reduce_is_named_within_the_deadline(tmp_pat
     out = _run_nodes(tmp_path, monkeypatch, PreflightSpec(gpus_per_node=0, nodes=3, deadline_s=3.0), (0, 1))
     assert time.monotonic() - t0 < 15
     assert isinstance(out[0], preflight.PreflightFailed) and out[0].bad_nodes == ["n2"]  # n1 waited, and is fine
-    assert "network: n2 did not join the all-reduce across the nodes before the deadline" in str(out[0])
+    assert "network: n2 did not take part in the all-reduce across the nodes before the deadline (2 node(s)" in str(out[0])
 
 
 def test_a_missing_network_interface_is_a_finding_with_the_fix(tmp_path, monkeypatch):

@@ -11,8 +11,8 @@ launcher submits once more without them (launch/run.py).
 `nvidia-smi` is asked where it exists; without it (CPU nodes) only what Slurm says is checked.
 
 The network is checked twice: the configured interface must have an address on every node, and
-one small all-reduce across the nodes (gloo, one process per node, over each node's address)
-must finish before the deadline. A node that never joins it is named.
+one small all-reduce across the nodes (a full TCP mesh over each node's address, the connections
+gloo makes) must finish before the deadline. A node the others cannot reach is named.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -189,63 +190,66 @@ def _job_gpu_indices(all_indices: set[str]) -> set[str]:
 
 # --------------------------------------------------------------------------- the network, all nodes at once
 
-STORE = "store"  # rank 0's TCPStore address for the all-reduce, written before the token
+MESH = "mesh"  # each node's all-reduce listening address, one file per node rank
 
 
-def start_store(address: str, nodes: int, timeout_s: float) -> tuple[Any, str] | None:
-    """Rank 0: the all-reduce's rendezvous (torch's TCPStore) on this node's address; None without torch."""
-    try:
-        from datetime import timedelta
-
-        from torch.distributed import TCPStore
-    except ImportError:
-        return None
-    port = addresses.free_port(address)
-    store = TCPStore(address, port, nodes, True, timedelta(seconds=timeout_s), wait_for_workers=False)
-    return store, f"{address}:{port}"
-
-
-def allreduce(where: str | None, node: str, node_rank: int, nodes: int, address: str, deadline: float,
-              store: Any = None) -> dict[str, Any]:
-    """Sum node_rank + 1 over every node with gloo over each node's own address; rank 0 also
-    names the nodes that never reached the rendezvous."""
+def allreduce(folder: Path, node: str, node_rank: int, nodes: int, address: str, deadline: float) -> dict[str, Any]:
+    """A small all-reduce across the nodes over a full TCP mesh on each node's own address (the
+    connections gloo's all-reduce makes): every node listens, sends `node_rank + 1` to every other
+    node and sums what it receives. Plain sockets, so nothing is imported and nothing stays
+    behind in the task. The report lists the nodes this one could not reach or never heard from."""
     t0 = time.monotonic()
-    if where is None:
-        return {"skipped": "torch is not importable in the task's Python"}
-    try:
-        from datetime import timedelta
+    mesh = Path(folder) / MESH
+    mesh.mkdir(parents=True, exist_ok=True)
+    server = socket.create_server((address, 0))
+    server.settimeout(0.2)
+    atomic.write_bytes(mesh / str(node_rank), f"{address}:{server.getsockname()[1]}".encode())
+    heard: dict[int, float] = {}
 
-        import torch
-        import torch.distributed as dist
-    except ImportError as e:
-        return {"skipped": f"torch is not importable ({e})"}
-    timeout = timedelta(seconds=max(1.0, deadline - time.monotonic()))
-    host, port = where.rsplit(":", 1)
-    try:
-        if store is None:
-            store = dist.TCPStore(host, int(port), nodes, False, timeout)
-        store.set(f"joined/{node}", "1")
-        opts = dist.ProcessGroupGloo._Options()
-        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=address)]
-        opts._timeout = timeout
-        group = dist.ProcessGroupGloo(dist.PrefixStore("glmsnake-preflight", store), node_rank, nodes, opts)
-        value = torch.tensor([float(node_rank + 1)])
-        group.allreduce([value]).wait(timeout)
-        want = nodes * (nodes + 1) / 2
-        out: dict[str, Any] = {"ok": float(value) == want, "sum": float(value), "want": want}
-    except Exception as e:  # a timeout or a refused connection: the report says which
-        out = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
-    if node_rank == 0 and not out["ok"] and store is not None:
-        out["joined"] = sorted(n for n in _job_nodes() or [] if _has_key(store, f"joined/{n}"))
-    out["seconds"] = round(time.monotonic() - t0, 3)
+    def listen() -> None:
+        while len(heard) < nodes - 1 and time.monotonic() < deadline:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(max(0.1, deadline - time.monotonic()))
+                with contextlib.suppress(OSError, ValueError):
+                    rank, value = conn.makefile().readline().split()
+                    heard[int(rank)] = float(value)
+                    conn.sendall(b"ok\n")
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    unreachable: list[int] = []
+    for other in (r for r in range(nodes) if r != node_rank):
+        if not _send(mesh / str(other), f"{node_rank} {node_rank + 1}\n".encode(), deadline):
+            unreachable.append(other)
+    listener.join(max(0.0, deadline - time.monotonic()))
+    server.close()
+    total = node_rank + 1 + sum(heard.values())
+    want = nodes * (nodes + 1) / 2
+    out: dict[str, Any] = {"ok": total == want and not unreachable, "sum": total, "want": want,
+                           "seconds": round(time.monotonic() - t0, 3)}
+    if not out["ok"]:
+        out["unreachable"] = unreachable
+        out["unheard"] = sorted(set(range(nodes)) - set(heard) - {node_rank})
     return out
 
 
-def _has_key(store: Any, key: str) -> bool:
-    try:
-        return store.check([key])
-    except Exception:
-        return False
+def _send(addr_file: Path, message: bytes, deadline: float) -> bool:
+    """Deliver `message` to the node whose address `addr_file` will hold, retrying until the deadline."""
+    while time.monotonic() < deadline:
+        try:
+            host, port = addr_file.read_text().rsplit(":", 1)
+            with socket.create_connection((host, int(port)), timeout=max(0.1, min(5.0, deadline - time.monotonic()))) as c:
+                c.sendall(message)
+                if c.makefile().readline().strip() == "ok":
+                    return True
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    return False
 
 
 # --------------------------------------------------------------------------- all nodes, on rank 0
@@ -324,21 +328,26 @@ def judge(spec: PreflightSpec, reports: dict[str, dict[str, Any] | None], folder
 
 
 def _judge_allreduce(good: dict[str, dict[str, Any]], nodes: list[str], fail) -> None:
-    """Name the nodes the all-reduce did not reach (from the head's report), or, where every node
-    joined and it still failed, the all-reduce itself."""
+    """Name the nodes the all-reduce did not reach: one that most others could not reach or never
+    heard from is the bad one (a node that reaches nobody names itself by the same count)."""
     results = {n: r["allreduce"] for n, r in good.items() if isinstance(r.get("allreduce"), dict)}
-    failed = {n: a for n, a in results.items() if a.get("ok") is False}
-    if not failed:
+    if not any(a.get("ok") is False for a in results.values()):
         return
-    joined = next((a["joined"] for a in results.values() if "joined" in a), None)
-    absent = [n for n in nodes if joined is not None and n not in joined]
-    for n in absent:
-        fail(n, "network", f"{n} did not join the all-reduce across the nodes before the deadline",
+    # Node ranks are Slurm's node order; a node that sent no report is named from the job's node list.
+    by_rank = dict(enumerate(_job_nodes())) | {r["node_rank"]: n for n, r in good.items() if "node_rank" in r}
+    blamed: dict[str, int] = {}
+    for n, a in results.items():
+        for rank in set(a.get("unreachable", [])) | set(a.get("unheard", [])):
+            other = by_rank.get(rank, f"node rank {rank}")
+            blamed[other] = blamed.get(other, 0) + 1
+    for n, a in results.items():  # a node that reached nobody
+        if a.get("ok") is False and len(a.get("unreachable", [])) >= len(nodes) - 1:
+            blamed[n] = len(nodes)
+    worst = max(blamed.values(), default=0)
+    for n in sorted(n for n, k in blamed.items() if k == worst and n in nodes):
+        fail(n, "network", f"{n} did not take part in the all-reduce across the nodes before the deadline "
+             f"({worst} node(s) could not reach it or never heard from it)",
              "check the node's network (the interface in `slurm.network_interface`), or leave it out")
-    if not absent:
-        first = next(iter(failed.values()))
-        fail(",".join(sorted(failed)), "network", f"an all-reduce across the nodes failed: {first.get('error', first)}",
-             "check the network between the nodes (`slurm.network_interface`), then run `glmsnake preflight`")
 
 
 def explain(verdict: dict[str, Any]) -> PreflightFailed:
@@ -365,23 +374,19 @@ def run(spec: PreflightSpec, folder: Path, rank: int, local_rank: int, node: str
     t0 = time.monotonic()
     deadline = time.monotonic() + spec.deadline_s
     node_rank = rank if node_rank is None else node_rank
-    store = None
     net = spec.allreduce and nodes_total > 1
     if rank == 0:
         reports_dir.mkdir(parents=True, exist_ok=True)
-        if net and (started := start_store(address, nodes_total, spec.deadline_s)):
-            store, where = started
-            atomic.write_bytes(reports_dir / STORE, where.encode())
         token = os.urandom(16).hex()
         atomic.write_bytes(reports_dir / "token", token.encode())
     if local_rank == 0:
         seen = _wait_text(reports_dir / "token", deadline)
         rep = node_report(spec, folder, seen)
         if net:
-            where = (reports_dir / STORE).read_text() if (reports_dir / STORE).is_file() else None
             # It ends before the reports' deadline, so a node waiting on a silent one still reports in time.
             margin = max(0.5, min(10.0, 0.2 * spec.deadline_s))
-            rep["allreduce"] = allreduce(where, node, node_rank, nodes_total, address, deadline - margin, store)
+            rep["node_rank"] = node_rank
+            rep["allreduce"] = allreduce(folder, node, node_rank, nodes_total, address, deadline - margin)
         atomic.write_json(reports_dir / f"{node}.json", rep)
     if rank == 0:
         reports: dict[str, dict[str, Any] | None] = {}

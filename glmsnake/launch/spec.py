@@ -21,6 +21,7 @@ class SlurmSettings:
     preflight: bool = True  # every node checks itself before the job's work starts (launch/preflight.py)
     exclude_bad_nodes: bool = False  # a node that fails preflight is excluded and the job submitted again
     preflight_retries: int = 2  # at most this many such resubmissions
+    preflight_allreduce: bool = True  # preflight ends with one small all-reduce across the nodes (TCP mesh)
 
 
 @dataclass(frozen=True)
