@@ -16,25 +16,13 @@ from glmsnake import architectures, resolve
 from glmsnake.convert import fp8
 from glmsnake.convert import megatron_names as names
 from glmsnake.convert import torch_dist as td
-from glmsnake.convert.dcp_io import HfReader
 from glmsnake.convert.tiny import make_tiny
 from glmsnake.errors import GlmsnakeError
 from glmsnake.recipe.args import ModelArgs
+from test_torch_dist import assert_bit_identical, hf_tensors
 
 REPO = Path(__file__).resolve().parent.parent
 LITE = architectures.ARCHITECTURES["glm4_moe_lite"]
-
-
-def hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
-    with HfReader(hf_dir) as r:
-        return {k: r.get(k) for k in r.keys()}
-
-
-def assert_bit_identical(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert set(got) == set(want), (sorted(set(want) - set(got)), sorted(set(got) - set(want)))
-    for k in want:
-        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
-        assert torch.equal(got[k].contiguous().view(-1).view(torch.uint8), want[k].contiguous().view(-1).view(torch.uint8)), k
 
 
 @pytest.fixture(scope="module")
