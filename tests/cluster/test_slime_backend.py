@@ -68,7 +68,9 @@ def test_slime_driver_contract_on_8_nodes(slurm_cluster, container_images, tmp_p
         monkeypatch.setenv(k, "http://127.0.0.1:9")
     # A W&B key in the submitting environment reaches slime on every node, and no file.
     monkeypatch.setenv("WANDB_API_KEY", DUMMY_KEY)
-    wf = _wf(tmp_path, tracking={"use_wandb": True, "wandb_project": "glm", "use_tensorboard": True})
+    # MTP training on (the script leaves it off): every argument group, MTP_ARGS included, reaches train.py.
+    wf = _wf(tmp_path, tracking={"use_wandb": True, "wandb_project": "glm", "use_tensorboard": True},
+             features={"mtp_training": True})
     run = wf.runs["default"]
     assert run.train.backend == "slime" and run.train.allocation.nodes == 8 and run.train.allocation.gpus_per_node == 8
     log = tmp_path / "train.log"
