@@ -7,7 +7,8 @@ in the process's RSS).
 
 Writing torch_dist: each writer rank appends its tensors to its own `__<rank>_0.distcp`
 exactly as torch.distributed.checkpoint's FileSystemWriter does (one `torch.save` record
-per tensor, raw bytes for objects), and returns the entries; one process then writes the
+per tensor, raw bytes for objects; torch's DCP module itself is imported only for the index),
+and returns the entries; one process then writes the
 `.metadata` index (a pickled `Metadata`, torch's own classes) for all ranks. Tensors are
 stored whole with their global shapes, so any TP/PP/EP layout can load them.
 """
@@ -21,21 +22,15 @@ import pickle
 import threading
 import uuid
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import torch
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
-    ChunkStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    StorageMeta,
-    TensorProperties,
-    TensorStorageMetadata,
-)
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.metadata import Metadata
 
 from glmsnake.convert.safetensors_io import DTYPES, INDEX_NAME, SINGLE_NAME, read_header
 from glmsnake import knobs
@@ -121,6 +116,13 @@ class HfReader:
                 raise GlmsnakeError(f"{self.dir / e.file} ended early while reading {key} (truncated download?)")
             done += n
 
+    def prefetch(self, keys: Iterable[str]) -> None:
+        """Ask the kernel to start reading these tensors now (POSIX_FADV_WILLNEED returns at once), so
+        the disk reads the next unit while this process lays out and writes the current one."""
+        for key in keys:
+            e = self.entries[key]
+            os.posix_fadvise(self._fd(e.file), e.start, e.end - e.start, os.POSIX_FADV_WILLNEED)
+
     def get(self, key: str) -> torch.Tensor:
         e = self.entries[key]
         out = torch.empty(e.shape, dtype=e.dtype)
@@ -195,6 +197,23 @@ class Writeback:
         self._raise()
 
 
+@contextmanager
+def _without_crc32():
+    """torch.save without the zip records' CRC32: torch.load (and so DCP and Megatron) never checks it,
+    and computing it was a third of one writer's time (about 1 GB/s, one core). Older torch: as is."""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:
+        yield
+        return
+    before = config.save.compute_crc32
+    config.save.compute_crc32 = False
+    try:
+        yield
+    finally:
+        config.save.compute_crc32 = before
+
+
 class DistcpFile:
     """Appends items to one `.distcp` file the way torch's FileSystemWriter lays them out."""
 
@@ -210,7 +229,8 @@ class DistcpFile:
         if tensor.untyped_storage().nbytes() != tensor.nbytes or not tensor.is_contiguous():
             tensor = tensor.clone(memory_format=torch.contiguous_format)
         start = self.f.tell()
-        torch.save(tensor, self.f)
+        with _without_crc32():
+            torch.save(tensor, self.f)
         self.entries.append(DcpEntry(fqn, self.name, start, self.f.tell() - start, tuple(tensor.shape), str(tensor.dtype)))
         self.writeback.wrote(self.f.tell() - start)
 
@@ -242,10 +262,27 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name.removeprefix("torch."))
 
 
+def import_dcp() -> None:
+    """torch.distributed.checkpoint, which the index needs: 2 s of imports (sympy, through DTensor) that
+    a writer rank pays only where it writes the index, in a thread while it writes its data."""
+    import torch.distributed.checkpoint.filesystem  # noqa: F401
+
+
 def build_metadata(entries: Iterable[DcpEntry]) -> Metadata:
     """The DCP index for whole-tensor entries of every rank (one chunk per tensor at offset 0)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        StorageMeta,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
     sd_md: dict[str, Any] = {}
-    storage: dict[MetadataIndex, _StorageInfo] = {}
+    storage: dict[Any, Any] = {}
     for e in sorted(entries, key=lambda e: e.fqn):
         if e.fqn in sd_md:
             raise GlmsnakeError(f"two writers stored {e.fqn}", "this is a bug in the writer's share plan")
@@ -314,6 +351,8 @@ def damaged_files(folder: Path) -> list[str]:
 
 def tensor_index(md: Metadata) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """{fqn: (global shape, dtype)} of every tensor in a DCP checkpoint."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     return {
         k: (tuple(v.size), v.properties.dtype)
         for k, v in md.state_dict_metadata.items()
