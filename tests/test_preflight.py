@@ -186,8 +186,25 @@ def test_a_missing_network_interface_is_a_finding_with_the_fix(tmp_path, monkeyp
     spec = PreflightSpec(gpus_per_node=0, nodes=1, interface="nosuch0")
     monkeypatch.setattr(preflight.shutil, "which", lambda name: None)
     rep = preflight.node_report(spec, tmp_path, None)
-    assert "network interface 'nosuch0' has no IPv4 address" in rep["interface_error"]
+    assert "no network interface 'nosuch0' on " in rep["interface_error"] and "(it has: " in rep["interface_error"]
     verdict = preflight.judge(spec, {"n0": rep, "n1": {**rep, "interface_error": None}}, tmp_path)
     assert verdict["bad_nodes"] == ["n0"] and verdict["failures"][0]["check"] == "network"
     assert "set `slurm.network_interface` to an interface every node has" in verdict["failures"][0]["fix"]
     assert verdict["excludable"] == ["n0"]
+
+
+def test_an_interface_is_judged_by_the_kernel_list_missing_or_its_link_down(tmp_path):
+    """sysfs, as the kernel lists this node's interfaces: a missing one names what the node has,
+    a link that is down is a problem even though the interface keeps its address."""
+    from glmsnake.launch.addresses import interface_problem
+
+    net = tmp_path / "net"
+    for name, state in (("lo", "unknown"), ("eth0", "up"), ("ib0", "down"), ("ib1", "lowerlayerdown")):
+        (net / name).mkdir(parents=True)
+        (net / name / "operstate").write_text(state + "\n")
+    assert interface_problem("lo", net) is None and interface_problem("eth0", net) is None
+    assert "network interface 'ib0' on " in interface_problem("ib0", net) and "is down" in interface_problem("ib0", net)
+    assert "is lowerlayerdown" in interface_problem("ib1", net)
+    assert "no network interface 'ib7' on " in interface_problem("ib7", net)
+    assert "(it has: eth0, ib0, ib1, lo)" in interface_problem("ib7", net)
+    assert "(it has: none)" in interface_problem("ib0", tmp_path / "empty")

@@ -16,6 +16,7 @@ import random
 import socket
 import struct
 import subprocess
+from pathlib import Path
 
 from glmsnake import knobs
 from glmsnake.errors import GlmsnakeError
@@ -47,6 +48,27 @@ def interface_address(interface: str) -> str:
     finally:
         s.close()
     return socket.inet_ntoa(packed[20:24])
+
+
+SYS_NET = Path("/sys/class/net")
+LINK_DOWN = {"down", "lowerlayerdown", "notpresent", "dormant"}  # operstate values where nothing gets through
+
+
+def interface_problem(interface: str, sys_net: Path = SYS_NET) -> str | None:
+    """What is wrong with a network interface on this node, read from the kernel's list (sysfs):
+    missing (naming what the node has), or its link down. An address alone does not tell: an
+    InfiniBand port whose link went down keeps its address, and NCCL and Ray then hang on it."""
+    host = socket.gethostname()
+    if not (sys_net / interface).exists():
+        have = sorted(p.name for p in sys_net.iterdir()) if sys_net.is_dir() else []
+        return f"no network interface {interface!r} on {host} (it has: {', '.join(have) or 'none'})"
+    try:
+        state = (sys_net / interface / "operstate").read_text().strip()
+    except OSError:
+        return None
+    if state in LINK_DOWN:
+        return f"network interface {interface!r} on {host} is {state} (its link carries nothing)"
+    return None
 
 
 def job_node_addresses() -> dict[str, str]:

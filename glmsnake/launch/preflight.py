@@ -10,7 +10,8 @@ launcher submits once more without them (launch/run.py).
 
 `nvidia-smi` is asked where it exists; without it (CPU nodes) only what Slurm says is checked.
 
-The network is checked twice: the configured interface must have an address on every node, and
+The network is checked twice: the configured interface must exist, have its link up and an
+address on every node, and
 one small all-reduce across the nodes (a full TCP mesh over each node's address, the connections
 gloo makes) must finish before the deadline. A node the others cannot reach is named.
 """
@@ -56,7 +57,7 @@ class PreflightSpec:
     nodes: int
     room_bytes: int = 0  # free space the step will need under the job folder (on base_dir)
     deadline_s: float = 60.0
-    interface: str | None = None  # slurm.network_interface: must have an address on every node
+    interface: str | None = None  # slurm.network_interface: must exist, be up and have an address on every node
     allreduce: bool = True  # one gloo all-reduce across the nodes (needs torch in the task's Python)
 
 
@@ -127,9 +128,10 @@ def node_report(spec: PreflightSpec, folder: Path, token: str | None) -> dict[st
     interface: dict[str, Any] = {}
     if spec.interface:
         try:
+            interface["interface_error"] = addresses.interface_problem(spec.interface)
             interface["interface_address"] = addresses.interface_address(spec.interface)
         except GlmsnakeError as e:
-            interface["interface_error"] = e.problem
+            interface["interface_error"] = interface["interface_error"] or e.problem
     rep: dict[str, Any] = {
         "visible_gpus": visible_gpus(),
         "image": knobs.CONTAINER_IMAGE.raw(),

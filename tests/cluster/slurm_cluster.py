@@ -273,12 +273,17 @@ PartitionName={PARTITION} Nodes=node[1-{n}] Default=YES MaxTime=INFINITE State=U
         self.pids_file.unlink(missing_ok=True)
 
     @contextlib.contextmanager
-    def masked_on(self, name: str, path: Path):
-        """`path` hidden on node `name` only (an empty tmpfs over it, in that slurmd's mount namespace),
-        as on a node that does not mount the shared filesystem."""
+    def masked_on(self, name: str, path: Path, files: dict[str, str] | None = None):
+        """`path` hidden on node `name` only (a tmpfs over it, in that slurmd's mount namespace, empty
+        or holding `files`: {relative path: text}), as on a node that does not mount the shared
+        filesystem, or whose kernel shows something else there."""
         pid = str(self._pids()[f"slurmd-{name}"])
         subprocess.run(["nsenter", "-t", pid, "-m", "mount", "-t", "tmpfs", "-o", "size=1m", "masked", str(path)],
                        check=True)
+        for rel, text in (files or {}).items():
+            target = Path(path) / rel
+            subprocess.run(["nsenter", "-t", pid, "-m", "sh", "-c", 'mkdir -p "$1" && printf %s "$2" > "$3"', "sh",
+                            str(target.parent), text, str(target)], check=True)
         try:
             yield
         finally:

@@ -139,6 +139,24 @@ def test_a_missing_network_interface_is_named_on_every_node(slurm_cluster, tmp_p
         run_job(cluster, _job(tmp_path, 2, "no_iface"), task_env)
     msg = str(e.value)
     for node in ("node1", "node2"):
-        assert f"network: network interface 'nosuch0' has no IPv4 address on {node}" in msg, msg[:3000]
+        assert f"network: no network interface 'nosuch0' on {node} (it has: " in msg, msg[:3000]
     assert "set `slurm.network_interface` to an interface every node has" in msg
     assert len(list((tmp_path / "logs" / "submitit").glob("*/preflight.json"))) == 1  # not submitted again
+
+
+def test_an_interface_down_on_one_node_is_named_and_left_out(slurm_cluster, tmp_path):
+    """The test nodes share one network namespace, so the kernel's list of node2's interfaces is
+    what node2 sees of it: sysfs, which here shows `lo` with its link down (a tmpfs over
+    /sys/class/net in node2's slurmd mount namespace), as an InfiniBand port that lost its link
+    while keeping its address. node2 is named; with exclusion the job runs on the other nodes."""
+    with slurm_cluster.masked_on("node2", Path("/sys/class/net"), files={"lo/operstate": "down\n"}):
+        cluster = Cluster(launcher="slurm", slurm=SlurmSettings(partition="debug", network_interface="lo"))
+        with pytest.raises(TaskFailed) as e:
+            run_job(cluster, _job(tmp_path, 3, "link_down"), task_env)
+        msg = str(e.value)
+        assert "network: network interface 'lo' on node2 is down" in msg, msg[:3000]
+        assert "node1" not in msg.split("preflight failed on", 1)[1].split("\n", 1)[0], msg[:3000]
+        excluding = Cluster(launcher="slurm", slurm=SlurmSettings(partition="debug", network_interface="lo",
+                                                                  exclude_bad_nodes=True))
+        rec = run_job(excluding, _job(tmp_path, 3, "link_down_excluded"), task_env)
+    assert rec.excluded == ["node2"] and "node2" not in rec.nodes and len(rec.results) == 3
