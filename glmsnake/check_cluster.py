@@ -46,7 +46,7 @@ def check_cluster(wf: Workflow, run: str | None = None, nodes: int | None = None
         print(f"  {node}: GPUs {r.get('smi_gpus', r.get('visible_gpus'))}, driver {r.get('driver') or '-'}, "
               f"CUDA {r.get('cuda') or '-'}, NCCL {r.get('nccl') or '-'}, torch {r.get('torch') or '-'}, "
               f"Ray {r.get('ray') or '-'}, image {r.get('image') or '-'}, {r['free_bytes'] / 1e12:.2f} TB free, "
-              f"{_allreduce(r)}, {r['seconds']:.1f} s")
+              f"{_allreduce(r)}{_nccl(r)}, {r['seconds']:.1f} s")
     return 0
 
 
@@ -55,6 +55,11 @@ def _allreduce(report: dict) -> str:
     if not isinstance(a, dict):
         return "all-reduce -"
     return f"all-reduce {a['seconds']:.2f} s" if a.get("ok") else f"all-reduce {a.get('skipped') or 'failed'}"
+
+
+def _nccl(report: dict) -> str:
+    a = report.get("nccl_allreduce")
+    return f", NCCL all-reduce {a['seconds']:.2f} s" if isinstance(a, dict) and a.get("ok") else ""
 
 
 __all__ = ["check_cluster"]

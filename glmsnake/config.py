@@ -218,6 +218,8 @@ class Slurm(Strict):
     preflight_retries: int = Field(2, ge=0, le=10, description="at most this many resubmissions without bad nodes")
     preflight_allreduce: bool = Field(True, description="preflight ends with one small all-reduce across the "
                                       "nodes: a full TCP mesh over each node's address, the connections gloo makes")
+    preflight_nccl: bool = Field(True, description="on GPU nodes, preflight also runs one small NCCL all-reduce "
+                                 "across the nodes, one GPU each (a torch import and NCCL's set-up: seconds)")
 
 
 class TrainingGroups(Strict):

@@ -208,3 +208,45 @@ def test_an_interface_is_judged_by_the_kernel_list_missing_or_its_link_down(tmp_
     assert "no network interface 'ib7' on " in interface_problem("ib7", net)
     assert "(it has: eth0, ib0, ib1, lo)" in interface_problem("ib7", net)
     assert "(it has: none)" in interface_problem("ib0", tmp_path / "empty")
+
+
+def _nccl_reports(results: dict) -> dict:
+    return {n: {"nccl_allreduce": a, "seconds": 0.1} for n, a in results.items()}
+
+
+def test_nccl_findings_name_the_node_torch_cannot_use_or_every_node_when_the_collective_failed(tmp_path):
+    """A node whose torch cannot use its GPUs is named alone (the others only waited); a collective
+    that failed everywhere names every node and leaves none out; one failed on part of the nodes
+    names those; where another check already named a node, only the local findings count."""
+    from glmsnake.launch.preflight import _judge_nccl
+
+    def judged(results, others_failed=False):
+        failures = []
+        _judge_nccl(_nccl_reports(results), lambda node, check, problem, fix: failures.append((node, check, problem)),
+                    others_failed)
+        return failures
+
+    waited = {"ok": False, "error": "DistStoreError: timed out"}
+    no_cuda = {"ok": False, "error": "torch 2.8.0 (CUDA 12.8) cannot use the GPUs: driver too old", "local": True}
+    ok = {"ok": True, "sum": 3.0, "want": 3.0, "seconds": 2.0}
+    assert judged({"a": ok, "b": ok}) == []
+    assert judged({"a": waited, "b": no_cuda}) == [
+        ("b", "gpus", "torch 2.8.0 (CUDA 12.8) cannot use the GPUs: driver too old on b, though nvidia-smi lists them")]
+    every = judged({"a": waited, "b": waited, "c": waited})
+    assert len(every) == 1 and every[0][0] == "a,b,c" and every[0][1] == "network"
+    assert "failed on every node (DistStoreError: timed out)" in every[0][2]
+    assert [f[0] for f in judged({"a": ok, "b": waited})] == ["b"]
+    assert judged({"a": waited, "b": waited}, others_failed=True) == []
+
+
+def test_the_nccl_probe_reports_a_torch_without_cuda_as_a_local_finding():
+    """The child's own verdict on a machine whose torch has no CUDA (this one): local, with torch's version."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "glmsnake.launch.nccl_probe", "127.0.0.1", "1", "0", "1", "5"],
+                         capture_output=True, text=True, timeout=120)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["ok"] is False and result["local"] is True
+    assert "cannot use the GPUs" in result["error"] and result["error"].startswith("torch ")

@@ -187,7 +187,7 @@ def submit_tasks(cluster: Cluster, job: JobSpec, fn: Callable[[], Any], *, max_r
         check = PreflightSpec(gpus_per_node=job.allocation.gpus_per_node, nodes=job.allocation.nodes,
                               room_bytes=job.room_bytes, deadline_s=knobs.RENDEZVOUS_TIMEOUT_S.as_float(),
                               interface=cluster.slurm.network_interface,
-                              allreduce=cluster.slurm.preflight_allreduce)
+                              allreduce=cluster.slurm.preflight_allreduce, nccl=cluster.slurm.preflight_nccl)
     task = cls(fn, cluster.launcher, job.tasks_per_node, cluster.slurm.network_interface, check)
     return submit(ex, task)
 

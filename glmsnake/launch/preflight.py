@@ -58,7 +58,8 @@ class PreflightSpec:
     room_bytes: int = 0  # free space the step will need under the job folder (on base_dir)
     deadline_s: float = 60.0
     interface: str | None = None  # slurm.network_interface: must exist, be up and have an address on every node
-    allreduce: bool = True  # one gloo all-reduce across the nodes (needs torch in the task's Python)
+    allreduce: bool = True  # one small all-reduce across the nodes: a TCP mesh, the connections gloo makes
+    nccl: bool = True  # on GPU nodes, one NCCL all-reduce across the nodes too (nccl_probe, one GPU each)
 
 
 # --------------------------------------------------------------------------- one node
@@ -254,6 +255,44 @@ def _send(addr_file: Path, message: bytes, deadline: float) -> bool:
     return False
 
 
+NCCL_STORE = "nccl-store"  # node rank 0's TCPStore address for the NCCL all-reduce
+
+
+def nccl_allreduce(folder: Path, node_rank: int, nodes: int, address: str, deadline: float) -> dict[str, Any]:
+    """One NCCL all-reduce across the nodes, one GPU each, in a child process (nccl_probe): the CUDA
+    context and NCCL's threads end with it. Node rank 0 publishes its store's address in the job
+    folder; a child that outlives the deadline is killed and reported."""
+    t0 = time.monotonic()
+    spot = Path(folder) / NCCL_STORE
+    if node_rank == 0:
+        atomic.write_bytes(spot, f"{address}:{addresses.free_port(address)}".encode())
+    raw = _wait_text(spot, deadline)
+    if raw is None:
+        return {"ok": False, "error": "node rank 0 published no NCCL store address before the deadline"}
+    host, port = raw.rsplit(":", 1)
+    timeout = max(1.0, deadline - time.monotonic())
+    import glmsnake
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(Path(glmsnake.__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")) if p)}
+    cmd = [sys.executable, "-m", "glmsnake.launch.nccl_probe", host, port, str(node_rank), str(nodes), f"{timeout:.1f}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        out, err = proc.communicate(timeout=timeout + 2)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=2)  # a process stuck in the GPU driver may not die: do not wait for it
+        return {"ok": False, "error": f"no result within {timeout:.0f} s", "seconds": round(time.monotonic() - t0, 3)}
+    try:
+        result = json.loads(out.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        last = (err.strip().splitlines() or ["no output"])[-1][:300]
+        result = {"ok": False, "error": f"the NCCL probe exited with {proc.returncode}: {last}"}
+    result["seconds"] = round(time.monotonic() - t0, 3)
+    return result
+
+
 # --------------------------------------------------------------------------- all nodes, on rank 0
 
 CONSISTENT = (("driver", "GPU driver"), ("cuda", "CUDA"), ("nccl", "NCCL"), ("torch", "torch"),
@@ -302,6 +341,7 @@ def judge(spec: PreflightSpec, reports: dict[str, dict[str, Any] | None], folder
                  f"write about {spec.room_bytes / 1e9:.1f} GB", "free space under base_dir, or move base_dir")
     good = {n: r for n, r in reports.items() if r is not None}
     _judge_allreduce(good, list(reports), fail)
+    _judge_nccl(good, fail, others_failed=bool(failures))
     for key, what in CONSISTENT:
         values: dict[str, list[str]] = {}
         for node, rep in good.items():
@@ -352,6 +392,32 @@ def _judge_allreduce(good: dict[str, dict[str, Any]], nodes: list[str], fail) ->
              "check the node's network (the interface in `slurm.network_interface`), or leave it out")
 
 
+def _judge_nccl(good: dict[str, dict[str, Any]], fail, others_failed: bool) -> None:
+    """Name what the NCCL all-reduce found. A node where torch cannot use the GPUs that nvidia-smi
+    lists is named alone (the others only waited for it). Otherwise a collective that failed
+    everywhere names every node and leaves none out: one broken link stalls them all, and which
+    one it is takes NCCL_DEBUG. Where another check already named a node, only such local
+    failures are named: the collective needed every node."""
+    results = {n: r["nccl_allreduce"] for n, r in good.items() if isinstance(r.get("nccl_allreduce"), dict)}
+    failed = {n: a for n, a in results.items() if not a.get("ok")}
+    local = {n: a for n, a in failed.items() if a.get("local")}
+    for n, a in sorted(local.items()):
+        fail(n, "gpus", f"{a['error']} on {n}, though nvidia-smi lists them",
+             "the image's CUDA may need a newer driver than the node's (compare nvidia-smi's CUDA version with the "
+             "image's torch.version.cuda): align them, or leave the node out")
+    if local or others_failed or not failed:
+        return
+    first = next(iter(failed.values()))["error"]
+    if len(failed) == len(results):
+        fail(",".join(sorted(failed)), "network", f"the NCCL all-reduce across the nodes failed on every node ({first})",
+             "check NCCL's network settings (NCCL_SOCKET_IFNAME, NCCL_IB_HCA) and rerun `glmsnake preflight` "
+             "with NCCL_DEBUG=INFO exported")
+        return
+    for n, a in sorted(failed.items()):
+        fail(n, "network", f"the NCCL all-reduce failed on {n} ({a['error']})",
+             "check the node's GPUs and fabric (NCCL_DEBUG=INFO), or leave it out")
+
+
 def explain(verdict: dict[str, Any]) -> PreflightFailed:
     """The error for a failed verdict: every failure, then one fix."""
     lines = [f"{f['check']}: {f['problem']}" for f in verdict["failures"]]
@@ -384,11 +450,14 @@ def run(spec: PreflightSpec, folder: Path, rank: int, local_rank: int, node: str
     if local_rank == 0:
         seen = _wait_text(reports_dir / "token", deadline)
         rep = node_report(spec, folder, seen)
+        # The all-reduces end before the reports' deadline, so a node waiting on a silent one still reports in time.
+        margin = max(0.5, min(10.0, 0.2 * spec.deadline_s))
         if net:
-            # It ends before the reports' deadline, so a node waiting on a silent one still reports in time.
-            margin = max(0.5, min(10.0, 0.2 * spec.deadline_s))
             rep["node_rank"] = node_rank
             rep["allreduce"] = allreduce(folder, node, node_rank, nodes_total, address, deadline - margin)
+        if spec.nccl and nodes_total > 1 and spec.gpus_per_node and rep.get("smi_gpus"):
+            rep["node_rank"] = node_rank
+            rep["nccl_allreduce"] = nccl_allreduce(folder, node_rank, nodes_total, address, deadline - margin)
         atomic.write_json(reports_dir / f"{node}.json", rep)
     if rank == 0:
         reports: dict[str, dict[str, Any] | None] = {}

@@ -22,6 +22,7 @@ class SlurmSettings:
     exclude_bad_nodes: bool = False  # a node that fails preflight is excluded and the job submitted again
     preflight_retries: int = 2  # at most this many such resubmissions
     preflight_allreduce: bool = True  # preflight ends with one small all-reduce across the nodes (TCP mesh)
+    preflight_nccl: bool = True  # and, on GPU nodes, one NCCL all-reduce across them (one GPU each)
 
 
 @dataclass(frozen=True)

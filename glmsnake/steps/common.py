@@ -18,7 +18,7 @@ def cluster(wf: Workflow) -> Cluster:
         slurm=SlurmSettings(partition=s.partition, account=s.account, qos=s.qos, constraint=s.constraint,
                             network_interface=s.network_interface, exclude=tuple(s.exclude), preflight=s.preflight,
                             exclude_bad_nodes=s.exclude_bad_nodes, preflight_retries=s.preflight_retries,
-                            preflight_allreduce=s.preflight_allreduce),
+                            preflight_allreduce=s.preflight_allreduce, preflight_nccl=s.preflight_nccl),
         # base_dir is mounted too: every task reads and writes there.
         container=ContainerSettings(runtime=c.runtime, image=c.image,
                                     mounts=tuple(dict.fromkeys([*c.mounts, str(wf.base)])),

@@ -2,7 +2,9 @@
 
 The test nodes have no GPUs, so a test-only nvidia-smi (gpu_shims/) answers per node from a
 JSON file: one node can have another driver, a busy GPU, ECC errors, a missing GPU, or NVLink.
-Allocation, ranks, the job folder and the resubmission are real.
+Allocation, ranks, the job folder and the resubmission are real. The NCCL all-reduce needs GPUs
+torch can use: with the stand-in it is switched off (`preflight_nccl=False`), except where the
+test is that torch cannot use what nvidia-smi lists.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def test_bad_nodes_are_named_with_the_check_and_the_fix(slurm_cluster, tmp_path,
     before the job's work starts (the task function never ran)."""
     _gpus(tmp_path, monkeypatch, {"node2": {"driver": "535.104.05"}, "node3": {"busy": {"3": [4242]}},
                                   "node4": {"ecc": {"5": 2}}, "node5": {"gpus": 7}})
-    cluster = Cluster(launcher="slurm", slurm=SlurmSettings(partition="debug"))
+    cluster = Cluster(launcher="slurm", slurm=SlurmSettings(partition="debug", preflight_nccl=False))
     with pytest.raises(TaskFailed) as e:
         run_job(cluster, _job(tmp_path, 5, "bad_nodes"), task_env)
     msg = str(e.value)
@@ -57,7 +59,7 @@ def test_bad_nodes_are_named_with_the_check_and_the_fix(slurm_cluster, tmp_path,
 
 def test_with_exclusion_the_job_runs_again_without_the_bad_node(slurm_cluster, tmp_path, monkeypatch):
     _gpus(tmp_path, monkeypatch, {"node2": {"driver": "535.104.05"}})
-    cluster = Cluster(launcher="slurm", slurm=SlurmSettings(partition="debug", exclude_bad_nodes=True))
+    cluster = Cluster(launcher="slurm", slurm=SlurmSettings(partition="debug", preflight_nccl=False, exclude_bad_nodes=True))
     rec = run_job(cluster, _job(tmp_path, 3, "exclude"), task_env)
     assert rec.excluded == ["node2"] and len(rec.retried) == 1 and rec.retried[0]["bad_nodes"] == ["node2"]
     assert "node2" not in rec.nodes and len(rec.nodes) == 3
@@ -68,7 +70,7 @@ def test_with_exclusion_the_job_runs_again_without_the_bad_node(slurm_cluster, t
 def test_retries_are_bounded(slurm_cluster, tmp_path, monkeypatch):
     """Every node has a busy GPU: one resubmission (preflight_retries: 1), then the error."""
     _gpus(tmp_path, monkeypatch, {"default": {"busy": {"0": [7]}}, "node1": {"busy": {}}})
-    cluster = Cluster(launcher="slurm", slurm=SlurmSettings(partition="debug", exclude_bad_nodes=True,
+    cluster = Cluster(launcher="slurm", slurm=SlurmSettings(partition="debug", preflight_nccl=False, exclude_bad_nodes=True,
                                                             preflight_retries=1))
     with pytest.raises(TaskFailed) as e:
         run_job(cluster, _job(tmp_path, 2, "bounded"), task_env)
@@ -80,7 +82,7 @@ def test_nvls_follows_the_nodes_topology(slurm_cluster, tmp_path, monkeypatch):
     """NCCL_NVLS_ENABLE in the driver's environment is 1 where every node shows NVLink (0 without
     NVLink: tests/test_preflight.py; without nvidia-smi: the slime contract on 8 nodes)."""
     _gpus(tmp_path, monkeypatch, {"default": {"nvlink": True}})
-    cluster = Cluster(launcher="slurm", slurm=SlurmSettings(partition="debug"))
+    cluster = Cluster(launcher="slurm", slurm=SlurmSettings(partition="debug", preflight_nccl=False))
     template = Driver(argv=["python3", "-c", "import os; print('NVLS=' + os.environ['NCCL_NVLS_ENABLE'])"],
                       cwd=str(tmp_path), env={"NCCL_NVLS_ENABLE": NVLS})
     log = tmp_path / "driver.log"
@@ -96,7 +98,7 @@ def test_glmsnake_preflight_checks_a_fresh_allocation(slurm_cluster, tmp_path, m
     import subprocess
 
     cfg = tmp_path / "config.yaml"
-    cfg.write_text(f"base_dir: {tmp_path / 'base'}\nlauncher: slurm\nslurm: {{partition: debug}}\n")
+    cfg.write_text(f"base_dir: {tmp_path / 'base'}\nlauncher: slurm\nslurm: {{partition: debug, preflight_nccl: false}}\n")
     cmd = [shutil.which("glmsnake"), "preflight", "--configfile", str(cfg), "--nodes", "3"]
     _gpus(tmp_path, monkeypatch, {"default": {"nvlink": True}})
     ok = subprocess.run(cmd, capture_output=True, text=True)
@@ -160,3 +162,18 @@ def test_an_interface_down_on_one_node_is_named_and_left_out(slurm_cluster, tmp_
                                                                   exclude_bad_nodes=True))
         rec = run_job(excluding, _job(tmp_path, 3, "link_down_excluded"), task_env)
     assert rec.excluded == ["node2"] and "node2" not in rec.nodes and len(rec.results) == 3
+
+
+def test_gpus_that_nvidia_smi_lists_but_torch_cannot_use_are_named(slurm_cluster, tmp_path, monkeypatch):
+    """With the NCCL all-reduce on (the default), each node's first task runs glmsnake's NCCL probe
+    in a child process: here torch is the CPU build, as an image whose CUDA the node's driver
+    cannot run, so every node is named with the fix, and nobody is left out (it is every node)."""
+    _gpus(tmp_path, monkeypatch, {"default": {}})
+    cluster = Cluster(launcher="slurm", slurm=SlurmSettings(partition="debug", exclude_bad_nodes=True))
+    with pytest.raises(TaskFailed) as e:
+        run_job(cluster, _job(tmp_path, 2, "no_cuda"), task_env)
+    msg = str(e.value)
+    for node in ("node1", "node2"):
+        assert re.search(rf"gpus: torch \S+ \(CUDA None\) cannot use the GPUs.* on {node}, though nvidia-smi lists them", msg), msg[:3000]
+    assert "align them, or leave the node out" in msg
+    assert len(list((tmp_path / "logs" / "submitit").glob("*/preflight.json"))) == 1  # not submitted again
