@@ -245,7 +245,9 @@ def test_the_nccl_probe_reports_a_torch_without_cuda_as_a_local_finding():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "glmsnake.launch.nccl_probe", "127.0.0.1", "1", "0", "1", "5"],
+    from glmsnake.launch import nccl_probe
+
+    out = subprocess.run([sys.executable, nccl_probe.__file__, "127.0.0.1", "1", "0", "1", "5"],
                          capture_output=True, text=True, timeout=120)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["ok"] is False and result["local"] is True

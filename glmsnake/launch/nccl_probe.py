@@ -1,7 +1,7 @@
 """One small NCCL all-reduce across the nodes, one GPU each: the path the training's collectives take.
 
-Run as a child process by each node's first task during preflight (`python -m
-glmsnake.launch.nccl_probe HOST PORT NODE_RANK NODES TIMEOUT_S`), so the CUDA context and
+Run as a child process by each node's first task during preflight (`python nccl_probe.py HOST
+PORT NODE_RANK NODES TIMEOUT_S`: the standard library and torch only), so the CUDA context and
 NCCL's state die with it and the GPU is the step's again. It prints one JSON line: `ok`, the
 sum it got and wanted, NCCL's version, seconds, or `error` with what failed (no CUDA for torch,
 the store or NCCL's set-up). Node rank 0 hosts the TCPStore on HOST:PORT.

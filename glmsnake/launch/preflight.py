@@ -271,12 +271,10 @@ def nccl_allreduce(folder: Path, node_rank: int, nodes: int, address: str, deadl
         return {"ok": False, "error": "node rank 0 published no NCCL store address before the deadline"}
     host, port = raw.rsplit(":", 1)
     timeout = max(1.0, deadline - time.monotonic())
-    import glmsnake
-
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (str(Path(glmsnake.__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")) if p)}
-    cmd = [sys.executable, "-m", "glmsnake.launch.nccl_probe", host, port, str(node_rank), str(nodes), f"{timeout:.1f}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # Run as a file: it needs the standard library and torch only, not glmsnake's package (nor a path to it).
+    cmd = [sys.executable, str(Path(__file__).with_name("nccl_probe.py")), host, port, str(node_rank), str(nodes),
+           f"{timeout:.1f}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=timeout + 2)
     except subprocess.TimeoutExpired:
