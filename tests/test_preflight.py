@@ -252,3 +252,24 @@ def test_the_nccl_probe_reports_a_torch_without_cuda_as_a_local_finding():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["ok"] is False and result["local"] is True
     assert "cannot use the GPUs" in result["error"] and result["error"].startswith("torch ")
+
+
+def test_the_packages_each_node_sees_are_compared_and_the_odd_node_named_with_the_difference(tmp_path):
+    """The inventory is what this interpreter sees (torch among it, and the OS); a node whose image
+    holds another version or another package is named with it; a tie names both sides."""
+    from glmsnake.launch import preflight
+
+    mine = preflight.software_inventory()
+    assert mine["torch"] == preflight._package_version("torch") and mine.get("(os)")
+    spec = PreflightSpec(gpus_per_node=0, nodes=3)
+    base = {"torch": "2.8.0", "ray": "2.53.0", "(os)": "Ubuntu 24.04"}
+    reps = {"a": {"packages": base, "seconds": 0.1}, "b": {"packages": base, "seconds": 0.1},
+            "c": {"packages": {**base, "ray": "2.54.0", "flash-attn": "2.6.3"}, "seconds": 0.1}}
+    verdict = preflight.judge(spec, reps, tmp_path)
+    assert verdict["bad_nodes"] == ["c"] and verdict["excludable"] == ["c"]
+    f = verdict["failures"][0]
+    assert f["check"] == "software" and f["problem"] == "the packages on c differ from the other nodes': ray 2.54.0 (others 2.53.0), +flash-attn 2.6.3"
+    assert "pin it by digest" in f["fix"]
+    tie = preflight.judge(PreflightSpec(gpus_per_node=0, nodes=2), {"a": reps["a"], "c": reps["c"]}, tmp_path)
+    assert tie["bad_nodes"] == ["a", "c"] and len(tie["failures"]) == 2
+    assert preflight.judge(spec, {n: reps["a"] for n in "abc"}, tmp_path)["ok"]

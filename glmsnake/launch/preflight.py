@@ -114,6 +114,29 @@ def _package_version(name: str) -> str | None:
         return None
 
 
+def software_inventory() -> dict[str, str]:
+    """{distribution: version} of every Python package the task's interpreter sees, read from the
+    `*.dist-info` / `*.egg-info` folder names on sys.path (milliseconds: no metadata is parsed; the
+    first on sys.path wins, as for imports), and the OS release as `(os)`. Inside a container it is
+    the image's contents: a tag that each node pulls for itself can point at another image by the
+    time the last node pulls, and the registry digest is not visible from inside."""
+    found: dict[str, str] = {}
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:
+            continue
+        for n in names:
+            for suffix in (".dist-info", ".egg-info"):
+                if n.endswith(suffix):
+                    name, _, version = n[: -len(suffix)].partition("-")
+                    found.setdefault(name.lower().replace("_", "-"), version)
+    with contextlib.suppress(OSError):
+        release = dict(line.split("=", 1) for line in Path("/etc/os-release").read_text().splitlines() if "=" in line)
+        found["(os)"] = release.get("PRETTY_NAME", "").strip('"')
+    return found
+
+
 def visible_gpus() -> int | None:
     """GPUs Slurm gave this task (CUDA_VISIBLE_DEVICES, else SLURM_GPUS_ON_NODE); None if neither is set."""
     cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -140,6 +163,7 @@ def node_report(spec: PreflightSpec, folder: Path, token: str | None) -> dict[st
         "torch": _package_version("torch"),
         "nccl": _package_version("nvidia-nccl-cu12") or _package_version("nvidia-nccl-cu13"),
         "ray": _package_version("ray"),
+        "packages": software_inventory(),
     }
     rep.update(interface)
     rep["token"] = token  # rank 0 compares it with what it wrote: the same shared folder?
@@ -355,6 +379,8 @@ def judge(spec: PreflightSpec, reports: dict[str, dict[str, Any] | None], folder
                 fail(",".join(ns), "software", f"{what} {v} on {', '.join(ns)} differs from the other nodes' "
                      f"({'; '.join(f'{w} on {len(m)} node(s)' for w, m in ranked if w != v)})",
                      f"align the {what} across the nodes, or leave {', '.join(ns)} out")
+    if not any(f["check"] == "software" for f in failures):  # a version named above is not named twice
+        _judge_inventory(good, fail)
     bad = sorted({n for f in failures for n in f["node"].split(",")})
     # Nodes that leaving out would help: not for a full shared disk, never a placeholder name, and
     # never the whole allocation (the problem is then not a node's).
@@ -388,6 +414,31 @@ def _judge_allreduce(good: dict[str, dict[str, Any]], nodes: list[str], fail) ->
         fail(n, "network", f"{n} did not take part in the all-reduce across the nodes before the deadline "
              f"({worst} node(s) could not reach it or never heard from it)",
              "check the node's network (the interface in `slurm.network_interface`), or leave it out")
+
+
+def _judge_inventory(good: dict[str, dict[str, Any]], fail) -> None:
+    """Every node must see the same packages (the same image): the nodes outside the majority are
+    named with what differs on them (a tie names every side)."""
+    groups: dict[str, list[str]] = {}
+    for node, rep in good.items():
+        if isinstance(rep.get("packages"), dict):
+            groups.setdefault(json.dumps(sorted(rep["packages"].items())), []).append(node)
+    if len(groups) < 2:
+        return
+    ranked = sorted(groups.values(), key=len, reverse=True)
+    tied = len(ranked[1]) == len(ranked[0])
+    base = good[ranked[0][0]]["packages"]
+    for nodes in ranked if tied else ranked[1:]:
+        mine = good[nodes[0]]["packages"]
+        other = good[(ranked[1] if nodes is ranked[0] else ranked[0])[0]]["packages"] if tied else base
+        diff = [f"{k} {mine[k]} (others {other[k]})" for k in sorted(mine.keys() & other.keys()) if mine[k] != other[k]]
+        diff += [f"+{k} {mine[k]}" for k in sorted(mine.keys() - other.keys())]
+        diff += [f"-{k} {other[k]}" for k in sorted(other.keys() - mine.keys())]
+        more = f", and {len(diff) - 6} more" if len(diff) > 6 else ""
+        fail(",".join(sorted(nodes)), "software", f"the packages on {', '.join(sorted(nodes))} differ from the other "
+             f"nodes': {', '.join(diff[:6])}{more}",
+             "run one image on every node (pin it by digest, IMAGE@sha256:..., where each node pulls it), or leave "
+             f"{', '.join(sorted(nodes))} out")
 
 
 def _judge_nccl(good: dict[str, dict[str, Any]], fail, others_failed: bool) -> None:

@@ -177,3 +177,20 @@ def test_gpus_that_nvidia_smi_lists_but_torch_cannot_use_are_named(slurm_cluster
         assert re.search(rf"gpus: torch \S+ \(CUDA None\) cannot use the GPUs.* on {node}, though nvidia-smi lists them", msg), msg[:3000]
     assert "align them, or leave the node out" in msg
     assert len(list((tmp_path / "logs" / "submitit").glob("*/preflight.json"))) == 1  # not submitted again
+
+
+def test_a_node_whose_image_holds_other_packages_is_named_and_left_out(slurm_cluster, tmp_path, monkeypatch):
+    """A folder on every task's PYTHONPATH is empty on node1 and node3 and, on node2 (a tmpfs in its
+    slurmd mount namespace), holds one more package, as an image tag that moved between two pulls
+    would: node2 is named with the package; with exclusion the job runs on the other nodes."""
+    extra = tmp_path / "site"
+    extra.mkdir()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(extra), os.environ.get("PYTHONPATH")) if p))
+    with slurm_cluster.masked_on("node2", extra, files={"flash_attn-2.6.3.dist-info/METADATA": "Name: flash_attn\nVersion: 2.6.3\n"}):
+        cluster = Cluster(launcher="slurm", slurm=SlurmSettings(partition="debug"))
+        with pytest.raises(TaskFailed) as e:
+            run_job(cluster, _job(tmp_path, 3, "other_image"), task_env)
+        assert "software: the packages on node2 differ from the other nodes': +flash-attn 2.6.3" in str(e.value), str(e.value)[:3000]
+        excluding = Cluster(launcher="slurm", slurm=SlurmSettings(partition="debug", exclude_bad_nodes=True))
+        rec = run_job(excluding, _job(tmp_path, 3, "other_image_excluded"), task_env)
+    assert rec.excluded == ["node2"] and "node2" not in rec.nodes and len(rec.results) == 3
