@@ -273,3 +273,16 @@ def test_the_packages_each_node_sees_are_compared_and_the_odd_node_named_with_th
     tie = preflight.judge(PreflightSpec(gpus_per_node=0, nodes=2), {"a": reps["a"], "c": reps["c"]}, tmp_path)
     assert tie["bad_nodes"] == ["a", "c"] and len(tie["failures"]) == 2
     assert preflight.judge(spec, {n: reps["a"] for n in "abc"}, tmp_path)["ok"]
+
+
+def test_the_nccl_library_torch_loads_must_be_alike_on_every_node(tmp_path):
+    """The NCCL probe reports the NCCL torch loaded (an image's own, not a pip package): compared."""
+    from glmsnake.launch import preflight
+
+    ok = {"ok": True, "sum": 6.0, "want": 6.0, "seconds": 1.0}
+    reps = {n: {"nccl_allreduce": ok, "nccl_runtime": v, "seconds": 0.1}
+            for n, v in (("a", "2.27.3"), ("b", "2.27.3"), ("c", "2.21.5"))}
+    verdict = preflight.judge(PreflightSpec(gpus_per_node=8, nodes=3), reps, tmp_path)
+    assert verdict["bad_nodes"] == ["c"]
+    assert verdict["failures"][0]["problem"] == ("NCCL (as torch loads it) 2.21.5 on c differs from the other nodes' "
+                                                 "(2.27.3 on 2 node(s))")

@@ -317,7 +317,8 @@ def nccl_allreduce(folder: Path, node_rank: int, nodes: int, address: str, deadl
 
 # --------------------------------------------------------------------------- all nodes, on rank 0
 
-CONSISTENT = (("driver", "GPU driver"), ("cuda", "CUDA"), ("nccl", "NCCL"), ("torch", "torch"),
+CONSISTENT = (("driver", "GPU driver"), ("cuda", "CUDA"), ("nccl", "NCCL"), ("nccl_runtime", "NCCL (as torch loads it)"),
+              ("torch", "torch"),
               ("image", "container image"), ("python", "Python"), ("ray", "Ray"))
 
 
@@ -507,6 +508,7 @@ def run(spec: PreflightSpec, folder: Path, rank: int, local_rank: int, node: str
         if spec.nccl and nodes_total > 1 and spec.gpus_per_node and rep.get("smi_gpus"):
             rep["node_rank"] = node_rank
             rep["nccl_allreduce"] = nccl_allreduce(folder, node_rank, nodes_total, address, deadline - margin)
+            rep["nccl_runtime"] = rep["nccl_allreduce"].get("nccl")  # the library torch loads: an image's own, too
         atomic.write_json(reports_dir / f"{node}.json", rep)
     if rank == 0:
         reports: dict[str, dict[str, Any] | None] = {}
