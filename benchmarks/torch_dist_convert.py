@@ -118,7 +118,7 @@ def parallel_cp_seconds(src: Path, dest: Path, streams: int) -> float:
     groups = [files[i::streams] for i in range(streams)]
     t0 = time.perf_counter()
     procs = [subprocess.Popen(["cp", *map(str, g), str(dest)]) for g in groups if g]
-    if any(p.wait() for p in procs):
+    if any([p.wait() for p in procs]):  # a list: wait for every cp, then judge
         sys.exit("parallel cp failed")
     subprocess.run(["sync"], check=True)
     return time.perf_counter() - t0
@@ -166,7 +166,9 @@ def convert_main(hf: str, out: str, writers: int, profile: str | None = None) ->
     print(f"# convert() {t1 - t0:.2f} s, sync {t2 - t1:.2f} s, process start to convert() {t0 - START:.2f} s; "
           f"each rank's write_share: {[round(x, 2) for x in seconds]}", file=sys.stderr)
     # Largest process: a writer rank (ru_maxrss is per process, in KiB).
-    peak = max(int(f.read_text()) for f in Path(stats).glob("rank*.rss"))
+    peak = max((int(f.read_text()) for f in Path(stats).glob("rank*.rss")), default=0)
+    if not profile:
+        shutil.rmtree(stats, ignore_errors=True)
     print(json.dumps({"peak_rss": peak * 1024, "start_s": t0 - START, "convert_s": t2 - t0, "work_s": max(seconds)}))
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from glmsnake.launch.preflight import PreflightSpec, explain, judge, visible_gpus
 
 GOOD = {"visible_gpus": 8, "smi_gpus": 8, "driver": "550.54.15", "cuda": "12.4", "nccl": "2.21.5", "torch": "2.6.0",
@@ -239,15 +241,17 @@ def test_nccl_findings_name_the_node_torch_cannot_use_or_every_node_when_the_col
     assert judged({"a": waited, "b": waited}, others_failed=True) == []
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a torch that cannot use CUDA")
 def test_the_nccl_probe_reports_a_torch_without_cuda_as_a_local_finding():
     """The child's own verdict on a machine whose torch has no CUDA (this one): local, with torch's version."""
     import json
     import subprocess
     import sys
+    import time
 
     from glmsnake.launch import nccl_probe
 
-    out = subprocess.run([sys.executable, nccl_probe.__file__, "127.0.0.1", "1", "0", "1", "5"],
+    out = subprocess.run([sys.executable, nccl_probe.__file__, "127.0.0.1", "1", "0", "1", str(time.time() + 5)],
                          capture_output=True, text=True, timeout=120)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["ok"] is False and result["local"] is True
@@ -269,7 +273,15 @@ def test_the_packages_each_node_sees_are_compared_and_the_odd_node_named_with_th
     assert verdict["bad_nodes"] == ["c"] and verdict["excludable"] == ["c"]
     f = verdict["failures"][0]
     assert f["check"] == "software" and f["problem"] == "the packages on c differ from the other nodes': ray 2.54.0 (others 2.53.0), +flash-attn 2.6.3"
-    assert "pin it by digest" in f["fix"]
+    assert f["fix"] == "install one Python environment for every node (on shared storage), or leave c out"
+    # In a container the OS release is the image's too, and the fix is to pin the image.
+    in_image = {n: {**r, "image": "registry.example/slime:latest"} for n, r in reps.items()}
+    in_image["c"] = {**in_image["c"], "packages": {**base, "(os)": "Ubuntu 22.04"}}
+    f = preflight.judge(spec, in_image, tmp_path)["failures"][0]
+    assert f["problem"] == "the packages on c differ from the other nodes': (os) Ubuntu 22.04 (others Ubuntu 24.04)"
+    assert "pin it by digest, IMAGE@sha256:..." in f["fix"]
+    without_image = {n: {**r, "image": None} for n, r in in_image.items()}
+    assert preflight.judge(spec, without_image, tmp_path)["ok"]  # nodes' own OS a release apart: no mismatch
     tie = preflight.judge(PreflightSpec(gpus_per_node=0, nodes=2), {"a": reps["a"], "c": reps["c"]}, tmp_path)
     assert tie["bad_nodes"] == ["a", "c"] and len(tie["failures"]) == 2
     assert preflight.judge(spec, {n: reps["a"] for n in "abc"}, tmp_path)["ok"]
@@ -286,3 +298,43 @@ def test_the_nccl_library_torch_loads_must_be_alike_on_every_node(tmp_path):
     assert verdict["bad_nodes"] == ["c"]
     assert verdict["failures"][0]["problem"] == ("NCCL (as torch loads it) 2.21.5 on c differs from the other nodes' "
                                                  "(2.27.3 on 2 node(s))")
+
+
+def test_nccl_judged_after_the_other_checks_a_wrong_sum_and_a_node_that_took_no_part(tmp_path):
+    """A wrong sum is a finding with its numbers; a node already named for its software is the one
+    left out (not every node for the collective it stalled); a node that took no part while the
+    others did is named alone."""
+    from glmsnake.launch import preflight
+
+    spec = PreflightSpec(gpus_per_node=8, nodes=3)
+    ok = {"ok": True, "sum": 6.0, "want": 6.0, "seconds": 1.0, "nccl": "2.27.3"}
+    wrong = {"ok": False, "sum": 5.0, "want": 6.0, "error": "the all-reduce summed to 5.0, 6.0 expected"}
+    waited = {"ok": False, "error": "no result before the deadline"}
+    verdict = preflight.judge(spec, {"a": {"nccl_allreduce": ok, "seconds": 0.1},
+                                     "b": {"nccl_allreduce": wrong, "seconds": 0.1},
+                                     "c": {"nccl_allreduce": ok, "seconds": 0.1}}, tmp_path)
+    assert verdict["bad_nodes"] == ["b"] and "summed to 5.0, 6.0 expected" in verdict["failures"][0]["problem"]
+    verdict = preflight.judge(spec, {"a": {"nccl_allreduce": waited, "torch": "2.8.0", "seconds": 0.1},
+                                     "b": {"nccl_allreduce": waited, "torch": "2.8.0", "seconds": 0.1},
+                                     "c": {"nccl_allreduce": waited, "torch": "2.7.1", "seconds": 0.1}}, tmp_path)
+    assert verdict["bad_nodes"] == ["c"] and verdict["excludable"] == ["c"]
+    assert [f["check"] for f in verdict["failures"]] == ["software"]
+    verdict = preflight.judge(spec, {"a": {"nccl_allreduce": waited, "seconds": 0.1},
+                                     "b": {"seconds": 0.1}, "c": {"nccl_allreduce": waited, "seconds": 0.1}}, tmp_path)
+    assert verdict["bad_nodes"] == ["b"] and verdict["excludable"] == ["b"]
+    assert "b took no part in the NCCL all-reduce across the nodes: nvidia-smi lists no GPUs there" in verdict["failures"][0]["problem"]
+
+
+def test_a_node_that_cannot_take_part_in_the_nccl_all_reduce_stops_the_others_waiting(tmp_path):
+    """Node rank 0's TCP all-reduce failed, so it leaves a mark and publishes no store: node rank 1
+    stops waiting at once instead of at the deadline."""
+    import time
+
+    from glmsnake.launch.preflight import nccl_allreduce
+
+    t0 = time.monotonic()
+    first = nccl_allreduce(tmp_path, 0, 2, "127.0.0.1", time.monotonic() + 60, take_part=False)
+    second = nccl_allreduce(tmp_path, 1, 2, "127.0.0.1", time.monotonic() + 60)
+    assert first["error"] == "skipped: the TCP all-reduce across the nodes failed here"
+    assert second == {**second, "ok": False, "error": "stopped waiting: node rank(s) 0 could not take part", "waited_for": [0]}
+    assert time.monotonic() - t0 < 5

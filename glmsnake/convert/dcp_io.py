@@ -22,6 +22,7 @@ import pickle
 import threading
 import uuid
 import warnings
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,7 +122,9 @@ class HfReader:
         the disk reads the next unit while this process lays out and writes the current one."""
         for key in keys:
             e = self.entries[key]
-            os.posix_fadvise(self._fd(e.file), e.start, e.end - e.start, os.POSIX_FADV_WILLNEED)
+            if e.end > e.start:  # length 0 would mean "to the end of the file"
+                with contextlib.suppress(OSError):  # a hint: a file system that refuses it reads as before
+                    os.posix_fadvise(self._fd(e.file), e.start, e.end - e.start, os.POSIX_FADV_WILLNEED)
 
     def get(self, key: str) -> torch.Tensor:
         e = self.entries[key]
@@ -200,11 +203,21 @@ class Writeback:
 @contextmanager
 def _without_crc32():
     """torch.save without the zip records' CRC32: torch.load (and so DCP and Megatron) never checks it,
-    and computing it was a third of one writer's time (about 1 GB/s, one core). Older torch: as is."""
+    and computing it was a third of one writer's time (about 1 GB/s, one core). torch 2.5 has a
+    setter for it; older torch: as is."""
     try:
         from torch.utils.serialization import config
     except ImportError:
-        yield
+        get, set_ = (getattr(torch.serialization, f"{w}_crc32_options", None) for w in ("get", "set"))
+        if get is None or set_ is None:
+            yield
+            return
+        before = get()
+        set_(False)
+        try:
+            yield
+        finally:
+            set_(before)
         return
     before = config.save.compute_crc32
     config.save.compute_crc32 = False

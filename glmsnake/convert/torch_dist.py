@@ -133,7 +133,8 @@ def write_share(plan: WritePlan, ckpt_dir: Path, rank: int, world: int) -> list[
                 if n + 1 < len(mine):
                     reader.prefetch(mine[n + 1].hf_keys)
                 for t, shape, dtype in layout:
-                    dest = torch.frombuffer(scratch[:_nbytes(shape, dtype)], dtype=dtype).view(shape)
+                    size = _nbytes(shape, dtype)
+                    dest = torch.frombuffer(scratch[:size], dtype=dtype).view(shape) if size else torch.empty(shape, dtype=dtype)
                     names.fill(t, dest, reader.read_into, reader.shape)
                     out.add_tensor(t.key, dest)
                 for key in unit.extra_states:
@@ -176,11 +177,14 @@ class WriterTask:
 
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         torch.set_num_threads(1)
+        importing = threading.Thread(target=import_dcp, name="glmsnake-import-dcp", daemon=True)
         if rank == 0:  # the index writer: its DCP imports overlap its own writing (I/O, GIL released)
-            threading.Thread(target=import_dcp, name="glmsnake-import-dcp", daemon=True).start()
+            importing.start()
         t0 = time.monotonic()
         entries = write_share(self.plan, Path(self.ckpt_dir), rank, world)
         wrote = time.monotonic() - t0
+        if rank == 0:
+            importing.join()  # an import that failed there fails again, with its traceback, in the index
         if world > 1:
             dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
             try:

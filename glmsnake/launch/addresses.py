@@ -59,12 +59,13 @@ def interface_problem(interface: str, sys_net: Path = SYS_NET) -> str | None:
     missing (naming what the node has), or its link down. An address alone does not tell: an
     InfiniBand port whose link went down keeps its address, and NCCL and Ray then hang on it."""
     host = socket.gethostname()
-    if not (sys_net / interface).exists():
-        have = sorted(p.name for p in sys_net.iterdir()) if sys_net.is_dir() else []
-        return f"no network interface {interface!r} on {host} (it has: {', '.join(have) or 'none'})"
+    device = interface.split(":", 1)[0]  # an alias (eth0:1) lives on its device's link
     try:
-        state = (sys_net / interface / "operstate").read_text().strip()
-    except OSError:
+        if not (sys_net / device).exists():
+            have = sorted(p.name for p in sys_net.iterdir()) if sys_net.is_dir() else []
+            return f"no network interface {interface!r} on {host} (it has: {', '.join(have) or 'none'})"
+        state = (sys_net / device / "operstate").read_text().strip()
+    except OSError:  # no sysfs to ask (a restricted container): the address check alone decides
         return None
     if state in LINK_DOWN:
         return f"network interface {interface!r} on {host} is {state} (its link carries nothing)"

@@ -10,10 +10,11 @@ launcher submits once more without them (launch/run.py).
 
 `nvidia-smi` is asked where it exists; without it (CPU nodes) only what Slurm says is checked.
 
-The network is checked twice: the configured interface must exist, have its link up and an
-address on every node, and
-one small all-reduce across the nodes (a full TCP mesh over each node's address, the connections
-gloo makes) must finish before the deadline. A node the others cannot reach is named.
+The network is checked three ways: the configured interface must exist, have its link up and an
+address on every node; one small all-reduce across the nodes (a full TCP mesh over each node's
+address, the connections gloo makes) must finish before the deadline, and a node the others
+cannot reach is named; on GPU nodes, one NCCL all-reduce across the nodes, one GPU each, follows
+(nccl_probe, in a child process).
 """
 
 from __future__ import annotations
@@ -280,37 +281,71 @@ def _send(addr_file: Path, message: bytes, deadline: float) -> bool:
 
 
 NCCL_STORE = "nccl-store"  # node rank 0's TCPStore address for the NCCL all-reduce
+NCCL_GAVE_UP = "nccl-gave-up"  # one file per node that cannot take part: the others stop waiting for it
 
 
-def nccl_allreduce(folder: Path, node_rank: int, nodes: int, address: str, deadline: float) -> dict[str, Any]:
+def nccl_allreduce(folder: Path, node_rank: int, nodes: int, address: str, deadline: float,
+                   interface: str | None = None, take_part: bool = True) -> dict[str, Any]:
     """One NCCL all-reduce across the nodes, one GPU each, in a child process (nccl_probe): the CUDA
     context and NCCL's threads end with it. Node rank 0 publishes its store's address in the job
-    folder; a child that outlives the deadline is killed and reported."""
+    folder. A node that cannot take part (`take_part` False: its TCP all-reduce failed; or its
+    torch cannot use the GPUs) leaves a mark, and the others stop waiting for it; a child past the
+    deadline is killed. NCCL_SOCKET_IFNAME is the configured interface, as training's."""
     t0 = time.monotonic()
+    gave_up = Path(folder) / NCCL_GAVE_UP
+
+    def give_up(result: dict[str, Any]) -> dict[str, Any]:
+        gave_up.mkdir(exist_ok=True)
+        atomic.write_bytes(gave_up / str(node_rank), result["error"].encode())
+        return {**result, "seconds": round(time.monotonic() - t0, 3)}
+
+    def others_gave_up() -> list[int]:
+        return sorted(int(p.name) for p in gave_up.glob("[0-9]*")) if gave_up.is_dir() else []
+
+    def stopped(others: list[int]) -> dict[str, Any]:
+        why = (f"stopped waiting: node rank(s) {', '.join(map(str, others))} could not take part" if others
+               else "no result before the deadline")
+        return {"ok": False, "error": why, "waited_for": others, "seconds": round(time.monotonic() - t0, 3)}
+
+    if not take_part:
+        return give_up({"ok": False, "error": "skipped: the TCP all-reduce across the nodes failed here"})
     spot = Path(folder) / NCCL_STORE
     if node_rank == 0:
         atomic.write_bytes(spot, f"{address}:{addresses.free_port(address)}".encode())
-    raw = _wait_text(spot, deadline)
-    if raw is None:
-        return {"ok": False, "error": "node rank 0 published no NCCL store address before the deadline"}
-    host, port = raw.rsplit(":", 1)
-    timeout = max(1.0, deadline - time.monotonic())
+    while not spot.exists():
+        if others_gave_up() or time.monotonic() > deadline:
+            return stopped(others_gave_up())
+        time.sleep(0.05)
+    host, port = spot.read_text().rsplit(":", 1)
+    # The child gives up a second before this process would kill it, so its own words come back.
+    child_deadline = time.time() + max(1.0, deadline - time.monotonic() - 1.0)
+    env = {**os.environ, **({"NCCL_SOCKET_IFNAME": interface} if interface else {})}
     # Run as a file: it needs the standard library and torch only, not glmsnake's package (nor a path to it).
     cmd = [sys.executable, str(Path(__file__).with_name("nccl_probe.py")), host, port, str(node_rank), str(nodes),
-           f"{timeout:.1f}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           f"{child_deadline:.3f}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    # Stop waiting for nodes that gave up only once this node's own checks passed ("ready"): a node
+    # whose torch cannot use its GPUs either is named for that itself, not for waiting.
+    while proc.poll() is None:
+        others = others_gave_up()
+        if time.monotonic() > deadline or (others and any('"ready"' in ln for ln in lines)):
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=2)  # a process stuck in the GPU driver may not die: do not wait for it
+            return stopped(others)
+        time.sleep(0.1)
+    reader.join(2)
+    verdicts = [ln for ln in lines if ln.startswith("{") and '"ok"' in ln]
     try:
-        out, err = proc.communicate(timeout=timeout + 2)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.communicate(timeout=2)  # a process stuck in the GPU driver may not die: do not wait for it
-        return {"ok": False, "error": f"no result within {timeout:.0f} s", "seconds": round(time.monotonic() - t0, 3)}
-    try:
-        result = json.loads(out.strip().splitlines()[-1])
+        result = json.loads(verdicts[-1])
     except (IndexError, ValueError):
-        last = (err.strip().splitlines() or ["no output"])[-1][:300]
+        last = ([ln.strip() for ln in lines if ln.strip()] or ["no output"])[-1][:300]
         result = {"ok": False, "error": f"the NCCL probe exited with {proc.returncode}: {last}"}
+    if result.get("local"):
+        return give_up(result)
     result["seconds"] = round(time.monotonic() - t0, 3)
     return result
 
@@ -364,7 +399,6 @@ def judge(spec: PreflightSpec, reports: dict[str, dict[str, Any] | None], folder
                  f"write about {spec.room_bytes / 1e9:.1f} GB", "free space under base_dir, or move base_dir")
     good = {n: r for n, r in reports.items() if r is not None}
     _judge_allreduce(good, list(reports), fail)
-    _judge_nccl(good, fail, others_failed=bool(failures))
     for key, what in CONSISTENT:
         values: dict[str, list[str]] = {}
         for node, rep in good.items():
@@ -382,6 +416,7 @@ def judge(spec: PreflightSpec, reports: dict[str, dict[str, Any] | None], folder
                      f"align the {what} across the nodes, or leave {', '.join(ns)} out")
     if not any(f["check"] == "software" for f in failures):  # a version named above is not named twice
         _judge_inventory(good, fail)
+    _judge_nccl(good, fail, others_failed=bool(failures))  # last: the collective needed every node above
     bad = sorted({n for f in failures for n in f["node"].split(",")})
     # Nodes that leaving out would help: not for a full shared disk, never a placeholder name, and
     # never the whole allocation (the problem is then not a node's).
@@ -420,51 +455,62 @@ def _judge_allreduce(good: dict[str, dict[str, Any]], nodes: list[str], fail) ->
 def _judge_inventory(good: dict[str, dict[str, Any]], fail) -> None:
     """Every node must see the same packages (the same image): the nodes outside the majority are
     named with what differs on them (a tie names every side)."""
+    image = any(rep.get("image") for rep in good.values())
+    # Without a container each node runs its own OS: a point release apart is no mismatch.
+    seen = {node: {k: v for k, v in rep["packages"].items() if image or k != "(os)"}
+            for node, rep in good.items() if isinstance(rep.get("packages"), dict)}
     groups: dict[str, list[str]] = {}
-    for node, rep in good.items():
-        if isinstance(rep.get("packages"), dict):
-            groups.setdefault(json.dumps(sorted(rep["packages"].items())), []).append(node)
+    for node, packages in seen.items():
+        groups.setdefault(json.dumps(sorted(packages.items())), []).append(node)
     if len(groups) < 2:
         return
     ranked = sorted(groups.values(), key=len, reverse=True)
     tied = len(ranked[1]) == len(ranked[0])
-    base = good[ranked[0][0]]["packages"]
+    base = seen[ranked[0][0]]
     for nodes in ranked if tied else ranked[1:]:
-        mine = good[nodes[0]]["packages"]
-        other = good[(ranked[1] if nodes is ranked[0] else ranked[0])[0]]["packages"] if tied else base
+        mine = seen[nodes[0]]
+        other = seen[(ranked[1] if nodes is ranked[0] else ranked[0])[0]] if tied else base
         diff = [f"{k} {mine[k]} (others {other[k]})" for k in sorted(mine.keys() & other.keys()) if mine[k] != other[k]]
         diff += [f"+{k} {mine[k]}" for k in sorted(mine.keys() - other.keys())]
         diff += [f"-{k} {other[k]}" for k in sorted(other.keys() - mine.keys())]
         more = f", and {len(diff) - 6} more" if len(diff) > 6 else ""
         fail(",".join(sorted(nodes)), "software", f"the packages on {', '.join(sorted(nodes))} differ from the other "
              f"nodes': {', '.join(diff[:6])}{more}",
-             "run one image on every node (pin it by digest, IMAGE@sha256:..., where each node pulls it), or leave "
-             f"{', '.join(sorted(nodes))} out")
+             ("run one image on every node (pin it by digest, IMAGE@sha256:..., where each node pulls it)" if image
+              else "install one Python environment for every node (on shared storage)")
+             + f", or leave {', '.join(sorted(nodes))} out")
 
 
 def _judge_nccl(good: dict[str, dict[str, Any]], fail, others_failed: bool) -> None:
     """Name what the NCCL all-reduce found. A node where torch cannot use the GPUs that nvidia-smi
-    lists is named alone (the others only waited for it). Otherwise a collective that failed
+    lists is named alone (the others only waited for it), and so is a node that took no part
+    while others did (nvidia-smi lists no GPUs there). Otherwise a collective that failed
     everywhere names every node and leaves none out: one broken link stalls them all, and which
     one it is takes NCCL_DEBUG. Where another check already named a node, only such local
-    failures are named: the collective needed every node."""
+    findings count: the collective needed every node."""
     results = {n: r["nccl_allreduce"] for n, r in good.items() if isinstance(r.get("nccl_allreduce"), dict)}
+    if not results:
+        return
+    absent = sorted(n for n in good if n not in results)
+    for n in absent:
+        fail(n, "gpus", f"{n} took no part in the NCCL all-reduce across the nodes: nvidia-smi lists no GPUs there, "
+             f"while it does on {len(results)} node(s)", "check the node's GPUs and driver (nvidia-smi), or leave it out")
     failed = {n: a for n, a in results.items() if not a.get("ok")}
     local = {n: a for n, a in failed.items() if a.get("local")}
     for n, a in sorted(local.items()):
-        fail(n, "gpus", f"{a['error']} on {n}, though nvidia-smi lists them",
+        fail(n, "gpus", f"{a.get('error')} on {n}, though nvidia-smi lists them",
              "the image's CUDA may need a newer driver than the node's (compare nvidia-smi's CUDA version with the "
              "image's torch.version.cuda): align them, or leave the node out")
-    if local or others_failed or not failed:
+    if absent or local or others_failed or not failed:
         return
-    first = next(iter(failed.values()))["error"]
+    first = next(iter(failed.values())).get("error") or "no reason given"
     if len(failed) == len(results):
         fail(",".join(sorted(failed)), "network", f"the NCCL all-reduce across the nodes failed on every node ({first})",
              "check NCCL's network settings (NCCL_SOCKET_IFNAME, NCCL_IB_HCA) and rerun `glmsnake preflight` "
              "with NCCL_DEBUG=INFO exported")
         return
     for n, a in sorted(failed.items()):
-        fail(n, "network", f"the NCCL all-reduce failed on {n} ({a['error']})",
+        fail(n, "network", f"the NCCL all-reduce failed on {n} ({a.get('error') or 'no reason given'})",
              "check the node's GPUs and fabric (NCCL_DEBUG=INFO), or leave it out")
 
 
@@ -507,7 +553,9 @@ def run(spec: PreflightSpec, folder: Path, rank: int, local_rank: int, node: str
             rep["allreduce"] = allreduce(folder, node, node_rank, nodes_total, address, deadline - margin)
         if spec.nccl and nodes_total > 1 and spec.gpus_per_node and rep.get("smi_gpus"):
             rep["node_rank"] = node_rank
-            rep["nccl_allreduce"] = nccl_allreduce(folder, node_rank, nodes_total, address, deadline - margin)
+            mesh_ok = not net or rep["allreduce"].get("ok", False)
+            rep["nccl_allreduce"] = nccl_allreduce(folder, node_rank, nodes_total, address, deadline - margin,
+                                                   spec.interface, take_part=mesh_ok)
             rep["nccl_runtime"] = rep["nccl_allreduce"].get("nccl")  # the library torch loads: an image's own, too
         atomic.write_json(reports_dir / f"{node}.json", rep)
     if rank == 0:

@@ -116,7 +116,7 @@ def test_missing_network_interface_is_named_with_the_node(slurm_cluster, tmp_pat
     with pytest.raises(TaskFailed) as e:
         _run(_cluster(tmp_path, network_interface="nosuch0"), tmp_path, "badiface")
     msg = str(e.value)
-    assert re.search(r"network interface 'nosuch0' has no IPv4 address on node\d", msg), msg[:3000]
+    assert re.search(r"no network interface 'nosuch0' on node\d \(it has: [^)]*\blo\b", msg), msg[:3000]
     assert "set `slurm.network_interface` to an interface every node has" in msg
 
 
