@@ -491,7 +491,7 @@ def _judge_nccl(good: dict[str, dict[str, Any]], fail, others_failed: bool) -> N
     results = {n: r["nccl_allreduce"] for n, r in good.items() if isinstance(r.get("nccl_allreduce"), dict)}
     if not results:
         return
-    absent = sorted(n for n in good if n not in results)
+    absent = sorted(n for n in good if n not in results and not good[n].get("smi_error"))  # that one is named already
     for n in absent:
         fail(n, "gpus", f"{n} took no part in the NCCL all-reduce across the nodes: nvidia-smi lists no GPUs there, "
              f"while it does on {len(results)} node(s)", "check the node's GPUs and driver (nvidia-smi), or leave it out")
