@@ -49,10 +49,6 @@ def ray_env(address: str, auth: dict[str, str], extra: dict[str, str]) -> dict[s
         "SPT_NOENV": "1",
         # The driver's output (with what actors print) goes to log files: no colour codes.
         "RAY_COLOR_PREFIX": "0",
-        # A raylet exits when its dashboard agent has not registered within Ray's 30 s: a node that
-        # starts its Python agents from a network filesystem, or under load, can take longer. A value
-        # the user exported wins.
-        "RAY_agent_register_timeout_ms": env.get("RAY_agent_register_timeout_ms", "120000"),
         "PYTHONPATH": os.pathsep.join(pp),
         **extra,
     })
