@@ -141,6 +141,18 @@ def test_every_module_imports_alone():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+
+def test_the_snakefile_does_not_import_torch():
+    """Every snakemake call parses the Snakefile (a dry run, each job on a node): torch's import
+    would add seconds to each. Its glmsnake imports, run in a fresh interpreter, must not load it."""
+    lines = [ln.strip() for p in [REPO / "Snakefile", *(REPO / "rules").glob("*.smk")]
+             for ln in p.read_text().splitlines() if re.match(r"\s*(from glmsnake\S* import|import glmsnake)", ln)]
+    assert lines, "the Snakefile imports nothing of glmsnake: this test no longer looks at the right file"
+    code = "\n".join([*lines, "import sys", "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])"])
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", f"the Snakefile's imports load torch: {r.stdout.strip()}"
+
 # Spelled in pieces, so this file does not match itself.
 POINTING_OUTSIDE = re.compile("|".join(["design" + r" section", "design" + r"\.md", r"\.\./" + "shared",
                                         r"\bissue" + r" #?\d+"]), re.IGNORECASE)

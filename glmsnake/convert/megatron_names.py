@@ -20,11 +20,11 @@ the megatron-core source that defines each); each architecture's `detect_layout`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
-
 import re
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-import torch
+if TYPE_CHECKING:
+    import torch  # the names are read by every Snakefile parse; torch's import costs seconds there
 
 
 # HF keys of a GLM MTP layer that Megatron does not store: its MTP block shares the
@@ -176,6 +176,8 @@ def _fill_gate_up(gate, up, dest, read_into, hf_shape) -> None:
 
 def to_megatron(t: MegatronTensor, hf: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """In-memory variant of `fill` (tensors already loaded), for small models and tests."""
+    import torch
+
     shape = megatron_shape(t, lambda k: tuple(hf[k].shape))
     dest = torch.empty(shape, dtype=hf[t.sources[0]].dtype)
 
