@@ -64,7 +64,7 @@ def cmd_step(args: argparse.Namespace) -> int:
     if args.step not in steps.STEPS:
         raise GlmsnakeError(f"no step named {args.step!r}", f"choose one of {sorted(steps.STEPS)}")
     options = {k: v for k in ("sentinel", "output", "run", "name") if (v := getattr(args, k)) is not None}
-    params = list(inspect.signature(steps.STEPS[args.step]).parameters.values())[1:]
+    params = list(inspect.signature(steps.step_function(args.step)).parameters.values())[1:]
     missing = [p.name for p in params if p.default is p.empty and p.name not in options]
     if missing:
         raise GlmsnakeError(f"step {args.step} needs {', '.join('--' + m for m in missing)}",

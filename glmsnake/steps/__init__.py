@@ -7,20 +7,30 @@ they turn the config into plain parameters, call the library, and write the sent
 
 from __future__ import annotations
 
+import importlib
+from typing import Callable
+
 from glmsnake import disk
 from glmsnake.config import Workflow
-from glmsnake.steps import attempts, convert, export, provenance, train, weights
+from glmsnake.steps import attempts
 
-# `glmsnake step NAME` -> function(wf, **options); options are the CLI's --sentinel/--output/--run/--name.
+# `glmsnake step NAME` -> (module, function(wf, **options)); options are the CLI's
+# --sentinel/--output/--run/--name. Imported when run: a step that needs no torch (a download,
+# provenance) does not pay its import.
 STEPS = {
-    "download-hf": weights.download_hf,
-    "download-dataset": weights.download_dataset,
-    "convert-torch-dist": convert.convert_torch_dist,
-    "convert-fp8": convert.convert_fp8,
-    "train": train.train_run,
-    "export-hf": export.export_hf,
-    "provenance": provenance.provenance,
+    "download-hf": ("weights", "download_hf"),
+    "download-dataset": ("weights", "download_dataset"),
+    "convert-torch-dist": ("convert", "convert_torch_dist"),
+    "convert-fp8": ("convert", "convert_fp8"),
+    "train": ("train", "train_run"),
+    "export-hf": ("export", "export_hf"),
+    "provenance": ("provenance", "provenance"),
 }
+
+
+def step_function(step: str) -> Callable[..., None]:
+    module, name = STEPS[step]
+    return getattr(importlib.import_module(f"glmsnake.steps.{module}"), name)
 
 
 def run(step: str, wf: Workflow, config_line: str, **options) -> None:
@@ -28,8 +38,8 @@ def run(step: str, wf: Workflow, config_line: str, **options) -> None:
 
     Training's log is kept per attempt as well (steps/attempts.py). A full disk is named as such.
     """
-    fn = STEPS[step]
-    if fn is not train.train_run:
+    fn = step_function(step)
+    if step != "train":
         print(config_line, flush=True)
         with disk.naming_a_full_disk(wf.base):
             fn(wf, **options)
