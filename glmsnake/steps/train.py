@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -57,11 +58,11 @@ def write_settings(wf: Workflow, run: str) -> tuple[TrainerSettings, Path]:
 
 def versions(run_backend: str, slime_dir: str | None) -> dict[str, str]:
     out = {}
-    for mod in ("torch", "transformers", "ray", "submitit", "glmsnake"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - a missing package is recorded as such
-            out[mod] = "missing"
+    for dist in ("torch", "transformers", "ray", "submitit", "glmsnake"):
+        try:  # from the installed metadata: importing transformers alone takes seconds
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "missing"
     if run_backend == "slime" and slime_dir:
         try:
             out["slime_git"] = subprocess.run(["git", "-C", slime_dir, "rev-parse", "HEAD"], capture_output=True,
@@ -111,7 +112,7 @@ def train_run(wf: Workflow, sentinel: Path, run: str) -> None:
                             "rerun the step; it resumes from that checkpoint")
     final_folder = ckroot / iter_dir_name(final)
     records = metrics.read(run_paths.metrics)
-    if records:
+    if records and _older(run_paths.plot, run_paths.metrics):  # the local trainer drew it at its end
         metrics.plot(records, run_paths.plot, run)
     atomic.write_sentinel(
         sentinel, step="train", settings=key,
@@ -127,6 +128,13 @@ def train_run(wf: Workflow, sentinel: Path, run: str) -> None:
                  "decision": decision.why, "set_aside": str(decision.moved_to) if decision.moved_to else None,
                  "damaged_set_aside": [str(dest) for _, _, dest in damaged]},
     )
+
+
+def _older(path: Path, than: Path) -> bool:
+    try:
+        return path.stat().st_mtime_ns < than.stat().st_mtime_ns
+    except FileNotFoundError:
+        return True
 
 
 def _say(line: str) -> None:

@@ -7,7 +7,8 @@ Per rollout id r (from the latest checkpoint's iteration to num_rollout - 1):
   3. the new weights go to the rollout actor (version r + 1);
   4. the metrics line is appended; eval runs before rollout 0 and every eval_interval rollouts;
   5. every save_interval rollouts (and after the last one) the training actor writes iter_{r}
-     (slime's numbering: the checkpoint of rollout r is iteration r; a resume starts at r + 1).
+     (slime's numbering: the checkpoint of rollout r is iteration r; a resume starts at r + 1),
+     and the curves are redrawn (at most every PLOT_EVERY_S, always at the end).
 The order of 4 and 5 is what makes resume exact: a checkpoint at N implies the metrics
 of every rollout before N are on disk.
 """
@@ -25,6 +26,11 @@ from glmsnake.trainer import tracking
 from glmsnake.trainer.data import read_jsonl, rollout_batch
 from glmsnake.trainer.rollout import sampling_seed
 from glmsnake.trainer.settings import TrainerSettings
+
+
+# The curves are redrawn at a save at most this often, and always after the last rollout: a
+# drawing costs about a second, while a tiny model's saves come every second.
+PLOT_EVERY_S = 30.0
 
 
 def actor_options(ray) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -80,14 +86,18 @@ class Loop:
             if evals and s.eval.eval_interval and start % s.eval.eval_interval == 0 \
                     and not any(r.get("kind") == "eval" and r["trained_rollouts"] == start for r in kept):
                 self.evaluate(rollout, evals, start)
+            plotted = time.monotonic()
             for r in range(start, s.rollout.num_rollout):
                 self.one_rollout(trainer, rollout, rows, r)
                 if evals and s.eval.eval_interval and (r + 1) % s.eval.eval_interval == 0:
                     self.evaluate(rollout, evals, r + 1)
-                if (r + 1) % s.save_interval == 0 or r + 1 == s.rollout.num_rollout:
+                last = r + 1 == s.rollout.num_rollout
+                if (r + 1) % s.save_interval == 0 or last:
                     info = ray.get(trainer.save.remote(r))
                     self.log(f"[trainer] saved iter {r}: {info}")
-                    metrics.plot(metrics.read(s.paths.metrics), s.paths.plot, s.run)
+                    if last or time.monotonic() - plotted >= PLOT_EVERY_S:
+                        metrics.plot(metrics.read(s.paths.metrics), s.paths.plot, s.run)
+                        plotted = time.monotonic()
         records = metrics.read(s.paths.metrics)
         return {"start": start, "final_iteration": checkpoints.latest(ckroot), **metrics.summary(records)}
 
